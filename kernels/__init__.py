@@ -1,0 +1,157 @@
+"""The fused ops of more_fast, one public function each, dispatched by backend.
+
+Backend per call (DESIGN.md, the fused-op contract): env `MORE_FAST_KERNELS` =
+- `auto` (default): Triton on CUDA tensors, and on CPU tensors when `TRITON_INTERPRET=1`
+  (the interpreter); the reference otherwise;
+- `triton`: always the Triton kernels (on the CPU this needs `TRITON_INTERPRET=1`, set before
+  triton is imported);
+- `reference`: always `kernels.reference`.
+An op whose Triton module is not importable falls back to the reference under `auto` and
+raises under `triton`. Inputs are validated before dispatch, identically for both backends.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Sequence
+
+import torch
+
+from . import _checks, reference
+
+BACKENDS = ("auto", "triton", "reference")
+
+# op name -> module under kernels/ that holds its Triton implementation
+_TRITON_MODULES = {
+    "affinity_loss": "affinity",
+    "lir_loss": "lir",
+    "gcr_aggregate": "gcr",
+    "class_patch_attention": "attention",
+    "par_refine": "par",
+    "dense_energy_loss": "energy",
+}
+
+
+def _load_triton_ops() -> dict:
+    ops = {}
+    for op, module in _TRITON_MODULES.items():
+        try:
+            mod = importlib.import_module(f"{__name__}.{module}")
+        except ModuleNotFoundError as err:  # the op has no Triton implementation (yet)
+            if err.name in (f"{__name__}.{module}", "triton"):
+                continue
+            raise
+        ops[op] = getattr(mod, op)
+    return ops
+
+
+_TRITON_OPS = _load_triton_ops()
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backend_mode() -> str:
+    mode = os.environ.get("MORE_FAST_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in BACKENDS:
+        raise ValueError(f"MORE_FAST_KERNELS: expected one of {BACKENDS}, got {mode!r}")
+    return mode
+
+
+def triton_available(op: str) -> bool:
+    return op in _TRITON_OPS
+
+
+def resolve_backend(op: str, device: torch.device) -> str:
+    """'triton' or 'reference' for `op` on `device`, per MORE_FAST_KERNELS."""
+    mode = backend_mode()
+    if mode == "reference":
+        return "reference"
+    runnable = device.type == "cuda" or interpreter_enabled()
+    if mode == "auto":
+        return "triton" if runnable and op in _TRITON_OPS else "reference"
+    if op not in _TRITON_OPS:
+        raise NotImplementedError(f"{op}: no Triton implementation is available (MORE_FAST_KERNELS=triton)")
+    if not runnable:
+        raise RuntimeError(
+            f"{op}: MORE_FAST_KERNELS=triton on a {device.type} tensor needs TRITON_INTERPRET=1 "
+            "set before triton is imported (or a CUDA tensor)"
+        )
+    return "triton"
+
+
+def affinity_loss(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """L_ptc (SPEC 2): B x N x D tokens, B x N integer labels -> scalar loss."""
+    _checks.check_affinity_loss(tokens, labels, ignore_index)
+    if resolve_backend("affinity_loss", tokens.device) == "triton":
+        return _TRITON_OPS["affinity_loss"](tokens, labels, ignore_index)
+    return reference.affinity_loss(tokens, labels, ignore_index)
+
+
+def lir_loss(
+    cls_tokens: torch.Tensor,
+    patch_tokens: torch.Tensor,
+    labels: torch.Tensor,
+    cls_labels: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """L_cre (SPEC 2): B x K x D, B x N x D, B x N labels, B x K {0,1} -> scalar loss."""
+    _checks.check_lir_loss(cls_tokens, patch_tokens, labels, cls_labels, temperature)
+    if resolve_backend("lir_loss", cls_tokens.device) == "triton":
+        return _TRITON_OPS["lir_loss"](cls_tokens, patch_tokens, labels, cls_labels, float(temperature))
+    return reference.lir_loss(cls_tokens, patch_tokens, labels, cls_labels, temperature)
+
+
+def gcr_aggregate(h: torch.Tensor, e: torch.Tensor, k: int, score: str = "published") -> torch.Tensor:
+    """GCR aggregation (SPEC 1, A through M): B x K x D heads, B x L x D nodes -> M, B x K x D."""
+    _checks.check_gcr_aggregate(h, e, k, score)
+    if resolve_backend("gcr_aggregate", h.device) == "triton":
+        return _TRITON_OPS["gcr_aggregate"](h, e, k, score)
+    return reference.gcr_aggregate(h, e, k, score)
+
+
+def class_patch_attention(
+    q: torch.Tensor, k: torch.Tensor, num_prefix: int, num_cls: int, reduce: str = "mean_softmax"
+) -> torch.Tensor:
+    """Class-patch attention (SPEC 5): B x heads x T x d queries and keys -> B x K x N."""
+    _checks.check_class_patch_attention(q, k, num_prefix, num_cls, reduce)
+    if resolve_backend("class_patch_attention", q.device) == "triton":
+        return _TRITON_OPS["class_patch_attention"](q, k, num_prefix, num_cls, reduce)
+    return reference.class_patch_attention(q, k, num_prefix, num_cls, reduce)
+
+
+def par_refine(
+    image: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), num_iter: int = 10
+) -> torch.Tensor:
+    """PAR refinement (SPEC 4): B x 3 x H x W image, B x C x H x W masks -> refined masks."""
+    _checks.check_par_refine(image, masks, dilations, num_iter)
+    if resolve_backend("par_refine", image.device) == "triton":
+        return _TRITON_OPS["par_refine"](image, masks, list(dilations), num_iter)
+    return reference.par_refine(image, masks, dilations, num_iter)
+
+
+def dense_energy_loss(
+    image: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, sigma_rgb: float = 15.0, sigma_xy: float = 50.0
+) -> torch.Tensor:
+    """Dense CRF energy E (SPEC 2; L_reg = 1e-7 E): image, probs B x C x H x W, gate B x H x W."""
+    _checks.check_dense_energy_loss(image, probs, gate, sigma_rgb, sigma_xy)
+    if resolve_backend("dense_energy_loss", image.device) == "triton":
+        return _TRITON_OPS["dense_energy_loss"](image, probs, gate, float(sigma_rgb), float(sigma_xy))
+    return reference.dense_energy_loss(image, probs, gate, sigma_rgb, sigma_xy)
+
+
+__all__ = [
+    "affinity_loss",
+    "lir_loss",
+    "gcr_aggregate",
+    "class_patch_attention",
+    "par_refine",
+    "dense_energy_loss",
+    "reference",
+    "resolve_backend",
+    "backend_mode",
+    "interpreter_enabled",
+    "triton_available",
+    "BACKENDS",
+]
