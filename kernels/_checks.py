@@ -123,6 +123,8 @@ def check_class_patch_attention(q, k, num_prefix, num_cls, reduce) -> None:
     if k.dtype != q.dtype:
         raise TypeError(f"k: expected the dtype of q ({q.dtype}), got {k.dtype}")
     same_device(q=q, k=k)
+    if q.shape[-1] < 1:
+        raise ValueError(f"q: expected a head size d >= 1, got shape {tuple(q.shape)}")
     t = q.shape[2]
     integer("num_prefix", num_prefix, 0)
     integer("num_cls", num_cls, 1)

@@ -129,9 +129,9 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int, channels: int
     lattice = rng.uniform(-1.0, 1.0, (cells + 1, cells + 1, channels))
     t = (np.arange(size) + 0.5) / size * cells
     i0 = np.minimum(np.floor(t).astype(np.int64), cells - 1)
-    f = (t - i0)[:, None, None]
-    rows = lattice[i0] * (1 - f) + lattice[i0 + 1] * f  # size x (cells + 1) x channels
-    return rows[:, i0] * (1 - f[None, :, :, 0, None]) + rows[:, i0 + 1] * f[None, :, :, 0, None]
+    f = t - i0
+    rows = lattice[i0] * (1 - f)[:, None, None] + lattice[i0 + 1] * f[:, None, None]
+    return rows[:, i0] * (1 - f)[None, :, None] + rows[:, i0 + 1] * f[None, :, None]
 
 
 def _object_frame(x: np.ndarray, y: np.ndarray, cx: float, cy: float, radius: float,
@@ -177,9 +177,9 @@ def render_sample(rng: np.random.Generator, image_size: int,
             cx, cy = rng.uniform(margin, image_size - margin, 2)
             u, v = _object_frame(x, y, cx, cy, radius, rng.uniform(0, 2 * np.pi))
             shape = shape_fn(u, v)
-            covered = np.bincount(owner[shape & (owner >= 0)], minlength=len(full_areas))
-            visible = 1 - covered / np.maximum(full_areas, 1) if full_areas else np.ones(0)
-            if shape.any() and np.all(visible >= _MIN_VISIBLE):
+            visible = np.bincount(owner[owner >= 0], minlength=len(full_areas))
+            hidden = np.bincount(owner[shape & (owner >= 0)], minlength=len(full_areas))
+            if shape.any() and np.all(visible - hidden >= _MIN_VISIBLE * np.array(full_areas)):
                 break
         else:
             continue  # no room for this object: the image keeps the ones already placed
@@ -190,10 +190,10 @@ def render_sample(rng: np.random.Generator, image_size: int,
         owner[shape] = len(full_areas)
         full_areas.append(int(shape.sum()))
         labels.append(int(cls) + 1)
-    lighting = 1 + rng.uniform(-0.15, 0.15) * ((x * np.cos(a := rng.uniform(0, 2 * np.pi))
-                                                + y * np.sin(a)) / image_size - 0.5)
-    image = image * lighting[..., None] + rng.normal(0, 6, image.shape)
-    label = np.where(owner >= 0, np.array(labels + [0], dtype=np.uint8)[owner], 0).astype(np.uint8)
+    light_angle = rng.uniform(0, 2 * np.pi)
+    ramp = (x * np.cos(light_angle) + y * np.sin(light_angle)) / image_size
+    image = image * (1 + rng.uniform(-0.3, 0.3) * ramp)[..., None] + rng.normal(0, 6, image.shape)
+    label = np.array(labels + [0], dtype=np.uint8)[owner]  # owner -1 (background) picks the 0
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), _mark_edges(label)
 
 

@@ -1,0 +1,441 @@
+"""Fused L_ptc, the CAM-affinity consistency loss (SPEC 2), as Triton kernels.
+
+    xhat_i = x_i / max(||x_i||, 1e-8)                      (F.normalize, eps 1e-8)
+    c_ij   = |<xhat_i, xhat_j>|                             pairs i != j of one image
+    pair   = both labels != ignore_index;  pos: L_i == L_j;  neg: L_i != L_j
+    L      = 0.5 (1 - S_pos / (n_pos + 1)) + 0.5 S_neg / (n_neg + 1)
+
+Sums and counts run over all images together. No B x N x N tensor exists in forward or
+backward: the |cos| tiles live in registers, flash-attention style.
+
+Forward (4 launches, tiny ones included):
+1. `_affinity_rownorm_kernel`: rn_i = 1 / max(||x_i||, eps), fp32, B x N (saved for backward).
+2. `_affinity_fwd_kernel`, grid (T, T, B) over tile pairs (T = cdiv(N, BLOCK)): the tile
+   <x_i, x_j> by tl.dot over D chunks of the raw tokens, scaled by rn_i rn_j in fp32. c is
+   symmetric, so only tiles tj >= ti compute (tj < ti programs store zeros); an off-diagonal
+   tile counts twice, the diagonal tile once (it holds both (i, j) and (j, i)). Each program
+   writes its partial S_pos, S_neg (fp32) and n_pos, n_neg (int32, exact) to its own slot.
+3. `_affinity_finalize_kernel`, one program: sums the partials in a fixed order (deterministic,
+   counts in int64), writes the loss and the pair weights w_pos = -0.5 / (n_pos + 1),
+   w_neg = 0.5 / (n_neg + 1) (saved for backward).
+
+Backward (2 launches):
+4. `_affinity_bwd_kernel`, grid (T_i, B, SPLIT): recomputes the tiles of its row block against
+   the column tiles of its split and accumulates
+       ghat_i = dL/dxhat_i = 2 g sum_j W_ij sign(c_ij) xhat_j      (W = w_pos / w_neg / 0)
+   (the factor 2: c_ij appears as (i, j) and as (j, i)) as tl.dot(M, x_j) with
+   M_ij = 2 g W_ij sign(<x_i, x_j>) rn_j. The D x BLOCK_M accumulator does not fit in
+   registers (D = 768), so the program adds each D chunk into its own rows of an fp32 scratch
+   (SPLIT x B x N x D); only this program touches those rows, and a CTA barrier separates one
+   column tile's stores from the next tile's loads.
+5. `_affinity_norm_bwd_kernel`, per row: ghat = the SPLIT partials summed in a fixed order,
+       dx = rn ghat - [||x|| >= eps] rn^3 x <x, ghat>          (F.normalize's gradient)
+   stored in the dtype of the tokens.
+
+Precision: tl.dot in fp32-accurate modes (fp16 operands natively, exact products with fp32
+accumulation; bf16 and fp32 upcast to fp32 with 3xTF32 on sm80+, IEEE FMA elsewhere and on the
+interpreter, where bf16 tl.dot is broken). fp64 tokens are computed in fp32. The loss is fp32.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+NORM_EPS = 1e-8  # F.normalize eps of SPEC 2 (ToCo)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _affinity_rownorm_kernel(
+    x_ptr, rn_ptr, R, N, D, sxb, sxn, sxd, eps,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """rn[r] = 1 / max(||x[r]||, eps) for the R = B * N rows of x (any strides), fp32."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    base = (rows // N).to(tl.int64) * sxb + (rows % N).to(tl.int64) * sxn
+    ss = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        ptrs = x_ptr + base[:, None] + offs_d[None, :].to(tl.int64) * sxd
+        x = tl.load(ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+        ss += tl.sum(x * x, axis=1)
+    rn = 1.0 / tl.maximum(tl.sqrt(ss), eps)
+    tl.store(rn_ptr + rows, rn, mask=row_ok)
+
+
+@triton.jit
+def _affinity_fwd_kernel(
+    x_ptr, lab_ptr, rn_ptr, psum_ptr, pcnt_ptr,
+    N, D, ignore_index, sxb, sxn, sxd, slb, sln,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Partial sums of one tile pair (ti, tj) of image b, weighted for the triangle tj >= ti.
+
+    psum[slot] = (sum_pos |c|, sum_neg |c|), pcnt[slot] = (n_pos, n_neg) with
+    slot = (b * T + ti) * T + tj; tiles with tj < ti store zeros (their pairs are counted by
+    the mirrored tile, weight 2).
+    """
+    tj = tl.program_id(0)
+    ti = tl.program_id(1)
+    b = tl.program_id(2)
+    num_t = tl.num_programs(0)
+    # 1 on the diagonal tile, 2 above it, 0 below it
+    tile_w = (tj >= ti).to(tl.int32) + (tj > ti).to(tl.int32)
+    d_stop = D * (tile_w > 0).to(tl.int32)
+
+    offs_i = ti * BLOCK + tl.arange(0, BLOCK)
+    offs_j = tj * BLOCK + tl.arange(0, BLOCK)
+    mi = offs_i < N
+    mj = offs_j < N
+    xb = x_ptr + b.to(tl.int64) * sxb
+    rows_i = offs_i.to(tl.int64) * sxn
+    rows_j = offs_j.to(tl.int64) * sxn
+
+    acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    for d0 in range(0, d_stop, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        md = offs_d < D
+        cols = offs_d.to(tl.int64) * sxd
+        a = tl.load(xb + rows_i[:, None] + cols[None, :], mask=mi[:, None] & md[None, :], other=0.0)
+        bt = tl.load(xb + cols[:, None] + rows_j[None, :], mask=md[:, None] & mj[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            bt = bt.to(tl.float32)
+        acc = tl.dot(a, bt, acc, input_precision=DOT_PREC)
+
+    lb = lab_ptr + b.to(tl.int64) * slb
+    lab_i = tl.load(lb + offs_i.to(tl.int64) * sln, mask=mi, other=0).to(tl.int64)
+    lab_j = tl.load(lb + offs_j.to(tl.int64) * sln, mask=mj, other=0).to(tl.int64)
+    rn_i = tl.load(rn_ptr + b * N + offs_i, mask=mi, other=0.0)
+    rn_j = tl.load(rn_ptr + b * N + offs_j, mask=mj, other=0.0)
+    valid_i = mi & (lab_i != ignore_index)
+    valid_j = mj & (lab_j != ignore_index)
+
+    c = tl.abs(acc * rn_i[:, None] * rn_j[None, :])
+    pair = valid_i[:, None] & valid_j[None, :] & (offs_i[:, None] != offs_j[None, :])
+    same = lab_i[:, None] == lab_j[None, :]
+    pos = pair & same
+    neg = pair & (lab_i[:, None] != lab_j[None, :])
+    wf = tile_w.to(tl.float32)
+    s_pos = tl.sum(tl.sum(tl.where(pos, c, 0.0), axis=1), axis=0) * wf
+    s_neg = tl.sum(tl.sum(tl.where(neg, c, 0.0), axis=1), axis=0) * wf
+    n_pos = tl.sum(tl.sum(pos.to(tl.int32), axis=1), axis=0) * tile_w
+    n_neg = tl.sum(tl.sum(neg.to(tl.int32), axis=1), axis=0) * tile_w
+
+    slot = ((b * num_t + ti) * num_t + tj).to(tl.int64) * 2
+    tl.store(psum_ptr + slot, s_pos)
+    tl.store(psum_ptr + slot + 1, s_neg)
+    tl.store(pcnt_ptr + slot, n_pos)
+    tl.store(pcnt_ptr + slot + 1, n_neg)
+
+
+@triton.jit
+def _affinity_finalize_kernel(psum_ptr, pcnt_ptr, P, loss_ptr, coef_ptr, BLOCK_P: tl.constexpr):
+    """One program: S and n summed over the P partial slots in a fixed order; the loss and
+    the pair weights coef = (-0.5 / (n_pos + 1), 0.5 / (n_neg + 1))."""
+    acc_sp = tl.zeros([BLOCK_P], dtype=tl.float32)
+    acc_sn = tl.zeros([BLOCK_P], dtype=tl.float32)
+    acc_np = tl.zeros([BLOCK_P], dtype=tl.int64)
+    acc_nn = tl.zeros([BLOCK_P], dtype=tl.int64)
+    for p0 in range(0, P, BLOCK_P):
+        offs = p0 + tl.arange(0, BLOCK_P)
+        m = offs < P
+        slot = offs.to(tl.int64) * 2
+        acc_sp += tl.load(psum_ptr + slot, mask=m, other=0.0)
+        acc_sn += tl.load(psum_ptr + slot + 1, mask=m, other=0.0)
+        acc_np += tl.load(pcnt_ptr + slot, mask=m, other=0).to(tl.int64)
+        acc_nn += tl.load(pcnt_ptr + slot + 1, mask=m, other=0).to(tl.int64)
+    s_pos = tl.sum(acc_sp, axis=0)
+    s_neg = tl.sum(acc_sn, axis=0)
+    den_pos = (tl.sum(acc_np, axis=0) + 1).to(tl.float32)
+    den_neg = (tl.sum(acc_nn, axis=0) + 1).to(tl.float32)
+    loss = 0.5 * (1.0 - s_pos / den_pos) + 0.5 * (s_neg / den_neg)
+    tl.store(loss_ptr, loss)
+    tl.store(coef_ptr, -0.5 / den_pos)
+    tl.store(coef_ptr + 1, 0.5 / den_neg)
+
+
+@triton.jit
+def _affinity_bwd_kernel(
+    x_ptr, lab_ptr, rn_ptr, coef_ptr, gout_ptr, g_ptr,
+    B, N, D, ignore_index, sxb, sxn, sxd, slb, sln, T, TILES_PER_SPLIT,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, DOT_PREC_F32: tl.constexpr,
+):
+    """Partial ghat = dL/dxhat of row tile ti of image b over the column tiles of split s:
+
+        ghat_i += sum_j M_ij x_j,   M_ij = 2 g W_ij sign(<x_i, x_j>) rn_j,
+
+    W_ij = coef[0] on positive pairs, coef[1] on negative pairs, 0 otherwise. Written into
+    g[s, b, rows of ti, :] (fp32, contiguous), a block no other program touches.
+    """
+    ti = tl.program_id(0)
+    b = tl.program_id(1)
+    s = tl.program_id(2)
+    go = tl.load(gout_ptr).to(tl.float32)
+    c_pos = 2.0 * go * tl.load(coef_ptr)
+    c_neg = 2.0 * go * tl.load(coef_ptr + 1)
+
+    offs_i = ti * BLOCK_M + tl.arange(0, BLOCK_M)
+    mi = offs_i < N
+    xb = x_ptr + b.to(tl.int64) * sxb
+    lb = lab_ptr + b.to(tl.int64) * slb
+    rows_i = offs_i.to(tl.int64) * sxn
+    lab_i = tl.load(lb + offs_i.to(tl.int64) * sln, mask=mi, other=0).to(tl.int64)
+    valid_i = mi & (lab_i != ignore_index)
+    g_rows = ((s * B + b).to(tl.int64) * N + offs_i.to(tl.int64)) * D
+
+    t_start = s * TILES_PER_SPLIT
+    t_stop = tl.minimum(t_start + TILES_PER_SPLIT, T)
+    for tj in range(t_start, t_stop):
+        offs_j = tj * BLOCK_N + tl.arange(0, BLOCK_N)
+        mj = offs_j < N
+        rows_j = offs_j.to(tl.int64) * sxn
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            md = offs_d < D
+            cols = offs_d.to(tl.int64) * sxd
+            a = tl.load(xb + rows_i[:, None] + cols[None, :], mask=mi[:, None] & md[None, :], other=0.0)
+            bt = tl.load(xb + cols[:, None] + rows_j[None, :], mask=md[:, None] & mj[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                bt = bt.to(tl.float32)
+            acc = tl.dot(a, bt, acc, input_precision=DOT_PREC)
+
+        lab_j = tl.load(lb + offs_j.to(tl.int64) * sln, mask=mj, other=0).to(tl.int64)
+        rn_j = tl.load(rn_ptr + b * N + offs_j, mask=mj, other=0.0)
+        valid_j = mj & (lab_j != ignore_index)
+        pair = valid_i[:, None] & valid_j[None, :] & (offs_i[:, None] != offs_j[None, :])
+        w = tl.where(lab_i[:, None] == lab_j[None, :], c_pos, c_neg)
+        sgn = tl.where(acc > 0, 1.0, tl.where(acc < 0, -1.0, 0.0))
+        m = tl.where(pair, w * sgn, 0.0) * rn_j[None, :]
+
+        not_first = tj != t_start  # the first column tile of the split overwrites the scratch
+        for d0 in range(0, D, BLOCK_DO):
+            offs_d = d0 + tl.arange(0, BLOCK_DO)
+            md = offs_d < D
+            xj = tl.load(
+                xb + rows_j[:, None] + offs_d[None, :].to(tl.int64) * sxd,
+                mask=mj[:, None] & md[None, :], other=0.0,
+            ).to(tl.float32)
+            g_ptrs = g_ptr + g_rows[:, None] + offs_d[None, :]
+            g_mask = mi[:, None] & md[None, :]
+            g = tl.load(g_ptrs, mask=g_mask & not_first, other=0.0)
+            g = tl.dot(m, xj, g, input_precision=DOT_PREC_F32)
+            tl.store(g_ptrs, g, mask=g_mask)
+        # the next column tile reloads these rows, possibly from other threads of the CTA
+        tl.debug_barrier()
+
+
+@triton.jit
+def _affinity_norm_bwd_kernel(
+    x_ptr, g_ptr, dx_ptr, R, N, D, SPLIT, split_stride, sxb, sxn, sxd, eps,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dx = rn ghat - [||x|| >= eps] rn^3 x <x, ghat>, ghat = sum over the SPLIT partials
+    (fixed order, split_stride = B * N * D apart); dx contiguous B x N x D in its own dtype."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    base = (rows // N).to(tl.int64) * sxb + (rows % N).to(tl.int64) * sxn
+    grow = rows.to(tl.int64) * D
+    ss = tl.zeros([BLOCK_R], dtype=tl.float32)
+    xg = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = row_ok[:, None] & (offs_d[None, :] < D)
+        x = tl.load(x_ptr + base[:, None] + offs_d[None, :].to(tl.int64) * sxd, mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        g = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        for s in range(0, SPLIT):
+            g += tl.load(g_ptr + s * split_stride + grow[:, None] + offs_d[None, :], mask=mask, other=0.0)
+        ss += tl.sum(x * x, axis=1)
+        xg += tl.sum(x * g, axis=1)
+    norm = tl.sqrt(ss)
+    rn = 1.0 / tl.maximum(norm, eps)
+    proj = tl.where(norm >= eps, rn * rn * rn * xg, 0.0)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = row_ok[:, None] & (offs_d[None, :] < D)
+        x = tl.load(x_ptr + base[:, None] + offs_d[None, :].to(tl.int64) * sxd, mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        g = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        for s in range(0, SPLIT):
+            g += tl.load(g_ptr + s * split_stride + grow[:, None] + offs_d[None, :], mask=mask, other=0.0)
+        dx = rn[:, None] * g - proj[:, None] * x
+        tl.store(dx_ptr + grow[:, None] + offs_d[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+def _device_ctx(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _f32_precision(device: torch.device) -> str:
+    """fp32-accurate tl.dot: 3xTF32 on NVIDIA tensor cores (sm80+), IEEE FMA elsewhere."""
+    if device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 8:
+        return "tf32x3"
+    return "ieee"
+
+
+def _dot_config(dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
+    """(upcast the tokens to fp32 before tl.dot, input_precision) for the <x_i, x_j> tiles."""
+    if dtype == torch.float16:
+        return False, "tf32"  # fp16 x fp16 products are exact in the fp32 accumulator
+    if dtype == torch.bfloat16:
+        # bf16 values are exact in tf32; the interpreter's bf16 tl.dot is broken, so always upcast
+        return True, "tf32" if device.type == "cuda" else "ieee"
+    return True, _f32_precision(device)  # fp32 (and fp64, computed in fp32)
+
+
+def _fwd_config(device: torch.device, n: int, d: int) -> dict:
+    """Block sizes of the forward (tests override this to exercise multi-tile paths)."""
+    if device.type == "cuda":
+        return dict(block=64, block_d=32, num_warps=4, num_stages=3)
+    return dict(block=64, block_d=128, num_warps=4, num_stages=1)  # interpreter: fewer, larger steps
+
+
+def _bwd_config(device: torch.device, b: int, n: int, d: int) -> dict:
+    """Block sizes and column split of the backward (tests override this)."""
+    if device.type == "cuda":
+        block_m = 64
+        t_i = triton.cdiv(n, block_m)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        split = max(1, min(4, triton.cdiv(sms, b * t_i)))  # about one wave of programs
+        return dict(block_m=block_m, block_n=64, block_d=32, block_do=64, split=split, num_warps=4, num_stages=2)
+    return dict(block_m=64, block_n=64, block_d=128, block_do=128, split=1, num_warps=4, num_stages=1)
+
+
+def _rows_config(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return dict(block_r=8, block_d=256, num_warps=4)
+    return dict(block_r=64, block_d=256, num_warps=4)
+
+
+def _affinity_forward(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+    """(loss fp32 scalar, coef fp32 [2] = pair weights, rn fp32 B x N) of validated inputs."""
+    b, n, d = tokens.shape
+    dev = tokens.device
+    cfg = _fwd_config(dev, n, d)
+    rcfg = _rows_config(dev)
+    upcast, prec = _dot_config(tokens.dtype, dev)
+    block = cfg["block"]
+    t = triton.cdiv(n, block)
+    rn = torch.empty((b, n), dtype=torch.float32, device=dev)
+    psum = torch.empty((b * t * t, 2), dtype=torch.float32, device=dev)
+    pcnt = torch.empty((b * t * t, 2), dtype=torch.int32, device=dev)
+    loss = torch.empty((), dtype=torch.float32, device=dev)
+    coef = torch.empty((2,), dtype=torch.float32, device=dev)
+    sxb, sxn, sxd = tokens.stride()
+    slb, sln = labels.stride()
+    with _device_ctx(tokens):
+        _affinity_rownorm_kernel[(triton.cdiv(b * n, rcfg["block_r"]),)](
+            tokens, rn, b * n, n, d, sxb, sxn, sxd, NORM_EPS,
+            BLOCK_R=rcfg["block_r"], BLOCK_D=rcfg["block_d"], num_warps=rcfg["num_warps"],
+        )
+        _affinity_fwd_kernel[(t, t, b)](
+            tokens, labels, rn, psum, pcnt, n, d, ignore_index, sxb, sxn, sxd, slb, sln,
+            BLOCK=block, BLOCK_D=cfg["block_d"], UPCAST=upcast, DOT_PREC=prec,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        _affinity_finalize_kernel[(1,)](psum, pcnt, b * t * t, loss, coef, BLOCK_P=1024, num_warps=4)
+    return loss, coef, rn
+
+
+def _affinity_backward(grad: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor, rn: torch.Tensor,
+                       coef: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """dL/dtokens (contiguous, the dtype of tokens) for the upstream scalar gradient `grad`."""
+    b, n, d = tokens.shape
+    dev = tokens.device
+    cfg = _bwd_config(dev, b, n, d)
+    rcfg = _rows_config(dev)
+    upcast, prec = _dot_config(tokens.dtype, dev)
+    t_i = triton.cdiv(n, cfg["block_m"])
+    t_j = triton.cdiv(n, cfg["block_n"])
+    per_split = triton.cdiv(t_j, max(1, min(cfg["split"], t_j)))
+    split = triton.cdiv(t_j, per_split)  # every split gets at least one column tile
+    scratch = torch.empty((split, b, n, d), dtype=torch.float32, device=dev)
+    dx = torch.empty((b, n, d), dtype=tokens.dtype, device=dev)
+    grad = grad.reshape(()).to(device=dev)
+    sxb, sxn, sxd = tokens.stride()
+    slb, sln = labels.stride()
+    with _device_ctx(tokens):
+        _affinity_bwd_kernel[(t_i, b, split)](
+            tokens, labels, rn, coef, grad, scratch,
+            b, n, d, ignore_index, sxb, sxn, sxd, slb, sln, t_j, per_split,
+            BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], BLOCK_DO=cfg["block_do"],
+            UPCAST=upcast, DOT_PREC=prec, DOT_PREC_F32=_f32_precision(dev),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        _affinity_norm_bwd_kernel[(triton.cdiv(b * n, rcfg["block_r"]),)](
+            tokens, scratch, dx, b * n, n, d, split, b * n * d, sxb, sxn, sxd, NORM_EPS,
+            BLOCK_R=rcfg["block_r"], BLOCK_D=rcfg["block_d"], num_warps=rcfg["num_warps"],
+        )
+    return dx
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library registration
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("more_fast::affinity_loss", mutates_args=())
+def _affinity_loss_op(
+    tokens: torch.Tensor, labels: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _affinity_forward(tokens, labels, ignore_index)
+
+
+@_affinity_loss_op.register_fake
+def _(tokens, labels, ignore_index):
+    b, n, _ = tokens.shape
+    return (
+        tokens.new_empty((), dtype=torch.float32),
+        tokens.new_empty((2,), dtype=torch.float32),
+        tokens.new_empty((b, n), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("more_fast::affinity_loss_backward", mutates_args=())
+def _affinity_loss_bwd_op(
+    grad: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor, rn: torch.Tensor, coef: torch.Tensor,
+    ignore_index: int,
+) -> torch.Tensor:
+    return _affinity_backward(grad, tokens, labels, rn, coef, ignore_index)
+
+
+@_affinity_loss_bwd_op.register_fake
+def _(grad, tokens, labels, rn, coef, ignore_index):
+    return torch.empty(tokens.shape, dtype=tokens.dtype, device=tokens.device)
+
+
+def _setup_context(ctx, inputs, output):
+    tokens, labels, ignore_index = inputs
+    _, coef, rn = output
+    ctx.save_for_backward(tokens, labels, rn, coef)
+    ctx.ignore_index = ignore_index
+
+
+def _backward(ctx, grad_loss, grad_coef, grad_rn):
+    tokens, labels, rn, coef = ctx.saved_tensors
+    grad_tokens = None
+    if ctx.needs_input_grad[0]:
+        grad_tokens = _affinity_loss_bwd_op(grad_loss, tokens, labels, rn, coef, ctx.ignore_index)
+    return grad_tokens, None, None
+
+
+torch.library.register_autograd("more_fast::affinity_loss", _backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public function (inputs already validated by kernels.affinity_loss)
+# --------------------------------------------------------------------------------------------
+def affinity_loss(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """L_ptc (SPEC 2) of B x N x D tokens and B x N integer labels: an fp32 scalar."""
+    return _affinity_loss_op(tokens, labels, int(ignore_index))[0]

@@ -1,0 +1,605 @@
+"""GCR aggregation (SPEC 1, from A to M) as Triton kernels: `gcr_aggregate`.
+
+For one image b and one class row i (h_i in R^D), over the L = K + N nodes e_l in R^D:
+
+    A_il  = <h_i, e_l> / sqrt(D)                      logits against every node
+    w, idx = top-k of A_i.  (k values, k distinct node indices)
+    Nb_j  = e_{idx_j}                                  j = 1..k
+    p     = softmax_j(w)
+    R_j   = (1 - p_j) h_i + p_j Nb_j
+    u_j   = h_i + R_j = (2 - p_j) h_i + p_j Nb_j
+    g_j   = tanh(u_j)                                  (elementwise over d)
+    s_j   = S_j G_j with S_j = sum_d Nb_j[d], G_j = sum_d g_j[d]     ("published")
+          = <Nb_j, g_j>                                              ("dot")
+    a     = softmax_j(s)
+    M_i   = sum_j a_j Nb_j
+
+Gradient (derived by hand; the tests check it against the reference's autograd in float64).
+Given dM = dL/dM_i:
+
+    da_j  = <dM, Nb_j>
+    ds_j  = a_j (da_j - sum_l a_l da_l)                           softmax backward
+    dg_j  = ds_j S_j 1          (published: dG_j = ds_j S_j, spread over d)
+          = ds_j Nb_j           (dot)
+    du_j  = dg_j * (1 - g_j^2)                                    tanh backward
+    dp_j  = <du_j, Nb_j - h_i>                                    u_j = (2 - p_j) h_i + p_j Nb_j
+    dw_j  = p_j (dp_j - sum_l p_l dp_l)                           softmax backward
+    dA_{i, idx_j} = dw_j                                          (0 off the top-k)
+
+    dh_i  = sum_j (2 - p_j) du_j + (1/sqrt(D)) sum_j dw_j Nb_j
+    dNb_j = a_j dM + p_j du_j + (published: ds_j G_j 1 ; dot: ds_j g_j)
+    de_l  = sum over the (i, j) with idx_ij = l of  C_ij,
+            C_ij = dNb_ij + (dw_ij / sqrt(D)) h_i
+
+so e's gradient lands only on selected rows (one class row selects a node at most once, so a
+node collects at most K terms).
+
+Kernels (no B x K x k x D or B x K x L x D tensor exists, forward or backward):
+1. `_gcr_logits_kernel`, grid (B, cdiv(K, BLOCK_M), cdiv(L, BLOCK_N)): A = h e^T / sqrt(D)
+   with tl.dot over D chunks, written to a B x K x L tensor in the compute dtype (fp32; fp64
+   for fp64 inputs). That tensor is small (4 x 80 x 864 fp32 = 1.1 MB at COCO shapes) and lets
+   the top-k run per row with full parallelism over the B x K rows.
+2. `_gcr_forward_kernel`, grid (B * K,), one class row per program: the running top-k over
+   L in tiles of BLOCK_L logits (each tile's best KPAD merged with the running KPAD by a
+   bitonic top-k of packed int64 keys, see `_topk_key`), p, then two passes over D chunks of
+   the gathered [KPAD, BLOCK_D] neighbour tile: pass 1 recomputes g and reduces S, G (or
+   <Nb, g>), then a; pass 2 writes M. Saved for the backward: idx (int32), p, a
+   (B x K x k each). The logits tensor is freed after the forward.
+3. `_gcr_backward_rows_kernel`, grid (B * K,): three passes over D chunks per class row
+   (da, S, G -> ds; du -> dp -> dw; du, dw -> dh), recomputing g each time instead of
+   storing it; writes dh and the per-edge scalars ds, dw (and S, G for "published"),
+   B x K x k each.
+4. The index map is inverted with a stable torch.sort of the B x (K k) flat indices and a
+   searchsorted for the row offsets (a CSR per image; ordering by flat position i k + j).
+5. `_gcr_backward_nodes_kernel`, grid (B * L,): each program owns one node row e_l and sums
+   the C_ij of its CSR segment in blocks of SEG edges, in CSR order, in registers: the
+   scatter is deterministic (no atomics); rows nobody selected get zeros.
+
+Top-k and ties: keys pack the logit (rounded to fp32 for fp64 inputs) into the high 32 bits as
+an order-preserving integer and (2^32 - 1 - l) into the low 32 bits; the k largest keys are the
+k largest logits, equal logits ordered by the lower node index first. With distinct values
+the selected set is torch.topk's (the order of the k neighbours never matters: everything
+after the selection is symmetric in j). On ties torch.topk's choice is unspecified; here the
+lower index wins (torch's CPU kernel does the same in the cases we tried). For fp64 inputs
+the selection compares logits rounded to fp32 (values closer than that count as ties); every
+other quantity is fp64. NaN logits sort above +inf for a positive NaN and below -inf for a
+negative NaN; -0.0 sorts below +0.0.
+
+Precision: inputs are loaded in their dtype and upcast to the compute dtype (fp32, fp64 for
+fp64 inputs) after the load; all sums accumulate in it; M, dh, de are stored in h's / e's
+dtype. tl.dot: fp16 tiles go in as they are (exact products, fp32 accumulation); bf16 tiles
+are upcast to fp32 and multiplied with input_precision="tf32" (a bf16 value is exact in tf32,
+and the interpreter's bf16 dot is broken); fp32 tiles use "ieee" (no TF32 rounding, which
+would change the selected neighbours against the reference); fp64 tiles use "ieee" in fp64.
+tanh is written with tl.exp (no libdevice). Strides: any strides for h, e and the incoming
+gradient; nothing is copied. Offsets are int64.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_SCORES = ("published", "dot")
+_NEG_KEY = tl.constexpr(-9223372036854775807)  # below every packed key of a real logit
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+if hasattr(tl, "topk"):
+
+    @triton.jit
+    def _topk_desc(x, K: tl.constexpr):
+        """The K largest entries of x along its last dim, largest first (bitonic top-k)."""
+        return tl.topk(x, K)
+
+else:  # older triton: a full bitonic sort, then keep the first K
+
+    @triton.jit
+    def _topk_desc(x, K: tl.constexpr):
+        """The K largest entries of x (1-D, power-of-two length) along it, largest first."""
+        n: tl.constexpr = x.shape[0]
+        y = tl.reshape(tl.sort(x, descending=True), [n // K, K])
+        first = tl.arange(0, n // K)[:, None] == 0
+        return tl.sum(tl.where(first, y, 0), axis=0)
+
+
+@triton.jit
+def _topk_key(v, l):
+    """Packed int64 key: order-preserving int32 image of the fp32 value v (high 32 bits) and
+    2^32 - 1 - l (low 32 bits), so that key order = value order, then lower index first."""
+    bits = v.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (4294967295 - l.to(tl.int64))
+
+
+@triton.jit
+def _tanh(x):
+    """tanh(x) = sign(x) (1 - t) / (1 + t), t = exp(-2|x|): no overflow, no libdevice."""
+    t = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def _gcr_logits_kernel(
+    h_ptr, e_ptr, a_ptr,
+    K, L, D,
+    s_hb, s_hk, s_hd,
+    s_eb, s_el, s_ed,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, CDT: tl.constexpr,
+):
+    """A[b, i, l] = <h[b, i], e[b, l]> / sqrt(D) for a BLOCK_M x BLOCK_N tile (tl.dot over
+    BLOCK_K chunks of D). A is a contiguous B x K x L tensor in the compute dtype CDT.
+    No gradient flows through this kernel directly: the backward kernels use dA only at the
+    top-k entries (dh += dw Nb / sqrt(D), de_idx += dw h / sqrt(D))."""
+    b = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < K
+    col_ok = cols < L
+    h_base = h_ptr + b * s_hb + rows.to(tl.int64)[:, None] * s_hk
+    e_base = e_ptr + b * s_eb + cols.to(tl.int64)[None, :] * s_el
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=CDT)
+    for d0 in range(0, D, BLOCK_K):
+        dd = d0 + tl.arange(0, BLOCK_K)
+        d_ok = dd < D
+        hv = tl.load(h_base + dd.to(tl.int64)[None, :] * s_hd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        ev = tl.load(e_base + dd.to(tl.int64)[:, None] * s_ed, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            hv = hv.to(CDT)
+            ev = ev.to(CDT)
+        acc = tl.dot(hv, ev, acc=acc, input_precision=PRECISION, out_dtype=CDT)
+    sqrt_d = tl.sqrt(tl.zeros([BLOCK_N], dtype=CDT) + D)
+    acc = acc / sqrt_d[None, :]
+    a_off = (b * K + rows.to(tl.int64))[:, None] * L + cols.to(tl.int64)[None, :]
+    tl.store(a_ptr + a_off, acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _gcr_forward_kernel(
+    a_ptr, h_ptr, e_ptr, m_ptr, idx_ptr, p_ptr, att_ptr,
+    K, L, D, k,
+    s_hb, s_hk, s_hd,
+    s_eb, s_el, s_ed,
+    s_mb, s_mk, s_md,
+    KPAD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    PUBLISHED: tl.constexpr, CDT: tl.constexpr,
+):
+    """One class row (b, i): top-k of A[b, i, :], then p, g, s, a and M (module docstring).
+
+    Top-k: a running set of KPAD packed keys; each tile of BLOCK_L logits is reduced to its
+    best KPAD (bitonic top-k) and merged with the running set (top-k of the 2 KPAD union).
+    Entries j >= k of the running set are masked out (p = a = 0, idx = 0, never stored).
+    Aggregation: pass 1 over D chunks reduces S_j, G_j (or <Nb_j, g_j>) for the gathered
+    [KPAD, BLOCK_D] tile of neighbour rows; a = softmax(s); pass 2 re-gathers the rows and
+    writes M_i = sum_j a_j Nb_j. Saved: idx, p, a at [(b K + i) k + j]."""
+    pid = tl.program_id(0)
+    b = (pid // K).to(tl.int64)
+    i = (pid % K).to(tl.int64)
+    a_row = a_ptr + (b * K + i) * L
+
+    # ---- running top-k over the L logits of this row
+    run = tl.full([KPAD], _NEG_KEY, tl.int64)
+    for l0 in range(0, L, BLOCK_L):
+        ll = l0 + tl.arange(0, BLOCK_L)
+        l_ok = ll < L
+        v = tl.load(a_row + ll, mask=l_ok, other=0.0).to(tl.float32)
+        key = tl.where(l_ok, _topk_key(v, ll), _NEG_KEY)
+        if BLOCK_L > KPAD:
+            key = _topk_desc(key, KPAD)
+        run = _topk_desc(tl.reshape(tl.join(run, key), [2 * KPAD]), KPAD)
+
+    jj = tl.arange(0, KPAD)
+    valid = jj < k
+    idx = tl.where(valid, (4294967295 - (run & 4294967295)).to(tl.int32), 0)
+    w = tl.load(a_row + idx, mask=valid, other=0.0)  # the exact logits (compute dtype)
+    w = tl.where(valid, w, float("-inf"))
+    p = tl.exp(w - tl.max(w, axis=0))
+    p = p / tl.sum(p, axis=0)
+
+    # ---- pass 1: scores
+    h_row = h_ptr + b * s_hb + i * s_hk
+    nb_rows = e_ptr + b * s_eb + idx.to(tl.int64)[:, None] * s_el
+    two_minus_p = (2.0 - p)[:, None]
+    p_col = p[:, None]
+    s_nb = tl.zeros([KPAD], dtype=CDT)
+    s_g = tl.zeros([KPAD], dtype=CDT)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dd < D
+        hv = tl.load(h_row + dd.to(tl.int64) * s_hd, mask=d_ok, other=0.0).to(CDT)
+        nb = tl.load(nb_rows + dd.to(tl.int64)[None, :] * s_ed, mask=valid[:, None] & d_ok[None, :], other=0.0).to(CDT)
+        g = _tanh(two_minus_p * hv[None, :] + p_col * nb)
+        if PUBLISHED:
+            s_nb += tl.sum(nb, axis=1)
+            s_g += tl.sum(g, axis=1)
+        else:
+            s_g += tl.sum(nb * g, axis=1)
+    if PUBLISHED:
+        s = s_nb * s_g
+    else:
+        s = s_g
+    s = tl.where(valid, s, float("-inf"))
+    att = tl.exp(s - tl.max(s, axis=0))
+    att = att / tl.sum(att, axis=0)
+
+    # ---- pass 2: M_i = sum_j a_j Nb_j
+    m_row = m_ptr + b * s_mb + i * s_mk
+    att_col = att[:, None]
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dd < D
+        nb = tl.load(nb_rows + dd.to(tl.int64)[None, :] * s_ed, mask=valid[:, None] & d_ok[None, :], other=0.0).to(CDT)
+        mv = tl.sum(att_col * nb, axis=0)
+        tl.store(m_row + dd.to(tl.int64) * s_md, mv.to(m_ptr.dtype.element_ty), mask=d_ok)
+
+    e_off = (b * K + i) * k + jj
+    tl.store(idx_ptr + e_off, idx, mask=valid)
+    tl.store(p_ptr + e_off, p, mask=valid)
+    tl.store(att_ptr + e_off, att, mask=valid)
+
+
+@triton.jit
+def _gcr_backward_rows_kernel(
+    dm_ptr, h_ptr, e_ptr, idx_ptr, p_ptr, att_ptr,
+    dh_ptr, ds_ptr, dw_ptr, snb_ptr, sg_ptr,
+    K, D, k,
+    s_gb, s_gk, s_gd,
+    s_hb, s_hk, s_hd,
+    s_eb, s_el, s_ed,
+    s_db, s_dk, s_dd,
+    KPAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    PUBLISHED: tl.constexpr, CDT: tl.constexpr,
+):
+    """Backward of one class row (b, i), given dM = dm[b, i] (module docstring for the math).
+
+    pass 1: da_j = <dM, Nb_j>, and (published) S_j, G_j  ->  ds_j = a_j (da_j - <a, da>)
+    pass 2: du_j = dg_j (1 - g_j^2), dp_j = <du_j, Nb_j - h_i>  ->  dw_j = p_j (dp_j - <p, dp>)
+    pass 3: dh_i = sum_j (2 - p_j) du_j + sum_j (dw_j / sqrt(D)) Nb_j   (stored, h's dtype)
+    g and du are recomputed in each pass (nothing of size k x D is kept). Writes the per-edge
+    scalars ds, dw (and S, G for "published") that the node kernel needs for de."""
+    pid = tl.program_id(0)
+    b = (pid // K).to(tl.int64)
+    i = (pid % K).to(tl.int64)
+    jj = tl.arange(0, KPAD)
+    valid = jj < k
+    e_off = (b * K + i) * k + jj
+    idx = tl.load(idx_ptr + e_off, mask=valid, other=0)
+    p = tl.load(p_ptr + e_off, mask=valid, other=0.0)
+    att = tl.load(att_ptr + e_off, mask=valid, other=0.0)
+    h_row = h_ptr + b * s_hb + i * s_hk
+    g_row = dm_ptr + b * s_gb + i * s_gk
+    nb_rows = e_ptr + b * s_eb + idx.to(tl.int64)[:, None] * s_el
+    two_minus_p = (2.0 - p)[:, None]
+    p_col = p[:, None]
+
+    # ---- pass 1: da, S, G -> ds
+    da = tl.zeros([KPAD], dtype=CDT)
+    s_nb = tl.zeros([KPAD], dtype=CDT)
+    s_g = tl.zeros([KPAD], dtype=CDT)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dd < D
+        ddl = dd.to(tl.int64)
+        nb = tl.load(nb_rows + ddl[None, :] * s_ed, mask=valid[:, None] & d_ok[None, :], other=0.0).to(CDT)
+        gv = tl.load(g_row + ddl * s_gd, mask=d_ok, other=0.0).to(CDT)
+        da += tl.sum(nb * gv[None, :], axis=1)
+        if PUBLISHED:
+            hv = tl.load(h_row + ddl * s_hd, mask=d_ok, other=0.0).to(CDT)
+            g = _tanh(two_minus_p * hv[None, :] + p_col * nb)
+            s_nb += tl.sum(nb, axis=1)
+            s_g += tl.sum(g, axis=1)
+    ds = att * (da - tl.sum(att * da, axis=0))
+    ds_col = ds[:, None]
+    dgs_col = (ds * s_nb)[:, None]  # published: dG_j = ds_j S_j
+
+    # ---- pass 2: du -> dp -> dw
+    dp = tl.zeros([KPAD], dtype=CDT)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dd < D
+        ddl = dd.to(tl.int64)
+        nb = tl.load(nb_rows + ddl[None, :] * s_ed, mask=valid[:, None] & d_ok[None, :], other=0.0).to(CDT)
+        hv = tl.load(h_row + ddl * s_hd, mask=d_ok, other=0.0).to(CDT)
+        g = _tanh(two_minus_p * hv[None, :] + p_col * nb)
+        if PUBLISHED:
+            du = dgs_col * (1.0 - g * g)
+        else:
+            du = ds_col * nb * (1.0 - g * g)
+        du = tl.where(d_ok[None, :], du, 0.0)
+        dp += tl.sum(du * (nb - hv[None, :]), axis=1)
+    dw = p * (dp - tl.sum(p * dp, axis=0))
+    sqrt_d = tl.sqrt(tl.zeros([KPAD], dtype=CDT) + D)
+    dwn_col = (dw / sqrt_d)[:, None]
+
+    # ---- pass 3: dh
+    dh_row = dh_ptr + b * s_db + i * s_dk
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dd < D
+        ddl = dd.to(tl.int64)
+        nb = tl.load(nb_rows + ddl[None, :] * s_ed, mask=valid[:, None] & d_ok[None, :], other=0.0).to(CDT)
+        hv = tl.load(h_row + ddl * s_hd, mask=d_ok, other=0.0).to(CDT)
+        g = _tanh(two_minus_p * hv[None, :] + p_col * nb)
+        if PUBLISHED:
+            du = dgs_col * (1.0 - g * g)
+        else:
+            du = ds_col * nb * (1.0 - g * g)
+        dhv = tl.sum(two_minus_p * du + dwn_col * nb, axis=0)
+        tl.store(dh_row + ddl * s_dd, dhv.to(dh_ptr.dtype.element_ty), mask=d_ok)
+
+    tl.store(ds_ptr + e_off, ds, mask=valid)
+    tl.store(dw_ptr + e_off, dw, mask=valid)
+    if PUBLISHED:
+        tl.store(snb_ptr + e_off, s_nb, mask=valid)
+        tl.store(sg_ptr + e_off, s_g, mask=valid)
+
+
+@triton.jit
+def _gcr_backward_nodes_kernel(
+    dm_ptr, h_ptr, e_ptr, de_ptr, order_ptr, offsets_ptr,
+    p_ptr, att_ptr, ds_ptr, dw_ptr, snb_ptr, sg_ptr,
+    K, L, D, k,
+    s_gb, s_gk, s_gd,
+    s_hb, s_hk, s_hd,
+    s_eb, s_el, s_ed,
+    s_db, s_dl, s_dd,
+    SEG: tl.constexpr, BLOCK_D: tl.constexpr,
+    PUBLISHED: tl.constexpr, CDT: tl.constexpr,
+):
+    """de for one node row (b, l): the sum of C_ij over the edges (i, j) with idx_ij = l,
+
+        C_ij = a_ij dM_i + (dw_ij / sqrt(D)) h_i + p_ij du_ij + (published: ds_ij G_ij 1 ;
+               dot: ds_ij g_ij),   du_ij = (published: ds_ij S_ij ; dot: ds_ij e_l) (1 - g_ij^2),
+        g_ij = tanh((2 - p_ij) h_i + p_ij e_l).
+
+    The edges come from the CSR of the inverted index map: order[b, offsets[b, l] ..
+    offsets[b, l+1]) are the flat edge ids i k + j, ascending. They are summed in blocks of
+    SEG edges in that order, in registers, by this program only: deterministic."""
+    pid = tl.program_id(0)
+    b = (pid // L).to(tl.int64)
+    l = (pid % L).to(tl.int64)
+    start = tl.load(offsets_ptr + b * (L + 1) + l)
+    end = tl.load(offsets_ptr + b * (L + 1) + l + 1)
+    e_row = e_ptr + b * s_eb + l * s_el
+    de_row = de_ptr + b * s_db + l * s_dl
+    edge_base = b * K * k
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dd < D
+        ddl = dd.to(tl.int64)
+        ev = tl.load(e_row + ddl * s_ed, mask=d_ok, other=0.0).to(CDT)
+        acc = tl.zeros([BLOCK_D], dtype=CDT)
+        for s0 in range(start, end, SEG):
+            pos = s0 + tl.arange(0, SEG)
+            s_ok = pos < end
+            f = tl.load(order_ptr + edge_base + pos, mask=s_ok, other=0)
+            i = f // k
+            eid = edge_base + f
+            p = tl.load(p_ptr + eid, mask=s_ok, other=0.0)
+            att = tl.load(att_ptr + eid, mask=s_ok, other=0.0)
+            ds = tl.load(ds_ptr + eid, mask=s_ok, other=0.0)
+            dw = tl.load(dw_ptr + eid, mask=s_ok, other=0.0)
+            sqrt_d = tl.sqrt(tl.zeros([SEG], dtype=CDT) + D)
+            tile_ok = s_ok[:, None] & d_ok[None, :]
+            hv = tl.load(h_ptr + b * s_hb + i[:, None] * s_hk + ddl[None, :] * s_hd, mask=tile_ok, other=0.0).to(CDT)
+            gv = tl.load(dm_ptr + b * s_gb + i[:, None] * s_gk + ddl[None, :] * s_gd, mask=tile_ok, other=0.0).to(CDT)
+            g = _tanh((2.0 - p)[:, None] * hv + p[:, None] * ev[None, :])
+            c = att[:, None] * gv + (dw / sqrt_d)[:, None] * hv
+            if PUBLISHED:
+                snb = tl.load(snb_ptr + eid, mask=s_ok, other=0.0)
+                sg = tl.load(sg_ptr + eid, mask=s_ok, other=0.0)
+                c += (ds * sg)[:, None] + (p * ds * snb)[:, None] * (1.0 - g * g)
+            else:
+                c += ds[:, None] * g + (p * ds)[:, None] * ev[None, :] * (1.0 - g * g)
+            acc += tl.sum(tl.where(tile_ok, c, 0.0), axis=0)
+        tl.store(de_row + ddl * s_dd, acc.to(de_ptr.dtype.element_ty), mask=d_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _dot_config(dtype: torch.dtype) -> tuple[bool, str]:
+    """(upcast to the compute dtype before tl.dot, tl.dot input_precision) for an input dtype."""
+    if dtype == torch.float16:
+        return False, "ieee"  # fp16 x fp16 -> fp32 accumulate, exact products
+    if dtype == torch.bfloat16:
+        return True, "tf32"  # bf16 values are exact in tf32; the interpreter's bf16 dot is broken
+    return False, "ieee"  # fp32 (no TF32 rounding) and fp64
+
+
+def _interpreted(t: torch.Tensor) -> bool:
+    return t.device.type != "cuda"
+
+
+def _row_blocks(k: int, d: int, interp: bool) -> tuple[int, int]:
+    """(KPAD, BLOCK_D) for the per-row kernels: a [KPAD, BLOCK_D] tile of <= 4096 elements on
+    a GPU (32 per thread at 4 warps); larger tiles under the interpreter (fewer Python steps)."""
+    kpad = max(16, triton.next_power_of_2(k))
+    tile = 16384 if interp else 4096
+    block_d = max(16, min(triton.next_power_of_2(max(d, 1)), tile // kpad))
+    return kpad, block_d
+
+
+def _device_guard(t: torch.Tensor):
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _forward(h: torch.Tensor, e: torch.Tensor, k: int, score: str):
+    """Launch the forward on validated inputs: (M in h's dtype, idx int32, p, a) with
+    idx, p, a of shape B x K x k (p, a in the compute dtype)."""
+    bsz, ncls, d = h.shape
+    nodes = e.shape[1]
+    cdt = _compute_dtype(h.dtype)
+    m = torch.empty((bsz, ncls, d), dtype=h.dtype, device=h.device)
+    idx = torch.empty((bsz, ncls, k), dtype=torch.int32, device=h.device)
+    p = torch.empty((bsz, ncls, k), dtype=cdt, device=h.device)
+    att = torch.empty((bsz, ncls, k), dtype=cdt, device=h.device)
+    if bsz * ncls == 0:
+        return m, idx, p, att
+    if d == 0:  # nothing to aggregate; the neighbour choice is arbitrary (all logits equal)
+        m.zero_()
+        idx.copy_(torch.arange(k, dtype=torch.int32, device=h.device).expand_as(idx))
+        p.fill_(1.0 / k)
+        att.fill_(1.0 / k)
+        return m, idx, p, att
+    interp = _interpreted(h)
+    logits = torch.empty((bsz, ncls, nodes), dtype=cdt, device=h.device)
+    upcast, precision = _dot_config(h.dtype)
+    block_m = 16
+    block_n = 64 if not interp else 128
+    block_k = 32 if not interp else 64
+    kpad, block_d = _row_blocks(k, d, interp)
+    block_l = max(kpad, min(triton.next_power_of_2(nodes), 4096 if interp else 1024))
+    with _device_guard(h):
+        _gcr_logits_kernel[(bsz, triton.cdiv(ncls, block_m), triton.cdiv(nodes, block_n))](
+            h, e, logits,
+            ncls, nodes, d,
+            *h.stride(), *e.stride(),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            UPCAST=upcast, PRECISION=precision, CDT=_tl_dtype(h.dtype),
+            num_warps=4,
+        )
+        _gcr_forward_kernel[(bsz * ncls,)](
+            logits, h, e, m, idx, p, att,
+            ncls, nodes, d, k,
+            *h.stride(), *e.stride(), *m.stride(),
+            KPAD=kpad, BLOCK_L=block_l, BLOCK_D=block_d,
+            PUBLISHED=score == "published", CDT=_tl_dtype(h.dtype),
+            num_warps=4,
+        )
+    return m, idx, p, att
+
+
+def _backward(grad_m, h, e, idx, p, att, k: int, score: str):
+    """Launch the backward: (dh in h's dtype, de in e's dtype), both contiguous."""
+    bsz, ncls, d = h.shape
+    nodes = e.shape[1]
+    cdt = _compute_dtype(h.dtype)
+    dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    de = torch.empty(e.shape, dtype=e.dtype, device=e.device)
+    if bsz * ncls == 0 or d == 0:
+        dh.zero_()
+        de.zero_()
+        return dh, de
+    interp = _interpreted(h)
+    published = score == "published"
+    kpad, block_d = _row_blocks(k, d, interp)
+    ds = torch.empty((bsz, ncls, k), dtype=cdt, device=h.device)
+    dw = torch.empty_like(ds)
+    snb = torch.empty_like(ds) if published else ds  # unused for "dot"
+    sg = torch.empty_like(ds) if published else ds
+    # the inverted index map: per image, flat edge ids i k + j grouped by node, ascending
+    flat = idx.reshape(bsz, ncls * k)
+    sorted_nodes, order = torch.sort(flat, dim=1, stable=True)
+    bounds = torch.arange(nodes + 1, dtype=flat.dtype, device=h.device).expand(bsz, nodes + 1).contiguous()
+    offsets = torch.searchsorted(sorted_nodes, bounds)  # int64, B x (L + 1)
+    seg = 16
+    block_d_nodes = max(16, min(triton.next_power_of_2(d), (16384 if interp else 4096) // seg))
+    with _device_guard(h):
+        _gcr_backward_rows_kernel[(bsz * ncls,)](
+            grad_m, h, e, idx, p, att,
+            dh, ds, dw, snb, sg,
+            ncls, d, k,
+            *grad_m.stride(), *h.stride(), *e.stride(), *dh.stride(),
+            KPAD=kpad, BLOCK_D=block_d,
+            PUBLISHED=published, CDT=_tl_dtype(h.dtype),
+            num_warps=4,
+        )
+        _gcr_backward_nodes_kernel[(bsz * nodes,)](
+            grad_m, h, e, de, order, offsets,
+            p, att, ds, dw, snb, sg,
+            ncls, nodes, d, k,
+            *grad_m.stride(), *h.stride(), *e.stride(), *de.stride(),
+            SEG=seg, BLOCK_D=block_d_nodes,
+            PUBLISHED=published, CDT=_tl_dtype(h.dtype),
+            num_warps=4,
+        )
+    return dh, de
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library registration
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("more_fast::gcr_aggregate", mutates_args=())
+def _gcr_aggregate_op(
+    h: torch.Tensor, e: torch.Tensor, k: int, score: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(M, idx, p, a): M is the op's value; idx, p, a are saved for the backward."""
+    return _forward(h, e, k, score)
+
+
+@_gcr_aggregate_op.register_fake
+def _(h, e, k, score):
+    bsz, ncls, d = h.shape
+    cdt = _compute_dtype(h.dtype)
+    return (
+        h.new_empty((bsz, ncls, d)),
+        h.new_empty((bsz, ncls, k), dtype=torch.int32),
+        h.new_empty((bsz, ncls, k), dtype=cdt),
+        h.new_empty((bsz, ncls, k), dtype=cdt),
+    )
+
+
+@torch.library.custom_op("more_fast::gcr_aggregate_backward", mutates_args=())
+def _gcr_aggregate_backward_op(
+    grad_m: torch.Tensor, h: torch.Tensor, e: torch.Tensor, idx: torch.Tensor,
+    p: torch.Tensor, att: torch.Tensor, k: int, score: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward(grad_m, h, e, idx, p, att, k, score)
+
+
+@_gcr_aggregate_backward_op.register_fake
+def _(grad_m, h, e, idx, p, att, k, score):
+    return h.new_empty(h.shape), e.new_empty(e.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    h, e, k, score = inputs
+    _, idx, p, att = output
+    ctx.save_for_backward(h, e, idx, p, att)
+    ctx.k = k
+    ctx.score = score
+    ctx.mark_non_differentiable(idx, p, att)
+
+
+def _autograd_backward(ctx, grad_m, grad_idx, grad_p, grad_att):
+    h, e, idx, p, att = ctx.saved_tensors
+    dh, de = _gcr_aggregate_backward_op(grad_m, h, e, idx, p, att, ctx.k, ctx.score)
+    return dh, de, None, None
+
+
+torch.library.register_autograd(
+    "more_fast::gcr_aggregate", _autograd_backward, setup_context=_setup_context
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Public function (inputs already validated by kernels.gcr_aggregate)
+# --------------------------------------------------------------------------------------------
+def gcr_aggregate(h: torch.Tensor, e: torch.Tensor, k: int, score: str = "published") -> torch.Tensor:
+    """M = GCR aggregation of the class heads h (B x K x D) over the nodes e (B x L x D).
+
+    Top-k (k neighbours per class row) of A = h e^T / sqrt(D), then the gated, score-weighted
+    mean of the neighbour rows (module docstring). Returns M (B x K x D) in h's dtype;
+    differentiable in h and e (deterministic backward)."""
+    if score not in _SCORES:
+        raise ValueError(f"score: expected one of {_SCORES}, got {score!r}")
+    return _gcr_aggregate_op(h, e, int(k), str(score))[0]

@@ -1,0 +1,85 @@
+"""The MoRe network (SPEC 1): backbone, classifiers, GCR, LargeFOV decoder.
+
+`forward_features` runs the backbone; `forward_head` applies the heads, so the no-grad CAM
+passes (SPEC 3) can run the backbone alone and the training forward can hand its maps over.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .backbone import BackboneOutput, MoReBackbone
+from .gcr import GCR
+from .heads import LargeFOV, classifier_cam, classifier_logits, make_classifier, tokens_to_map
+
+
+@dataclass
+class MoReOutput:
+    logits: torch.Tensor  # B x K
+    aux_logits: torch.Tensor  # B x K
+    seg: torch.Tensor  # B x (K+1) x h x w, decoder logits on the patch grid
+    class_tokens: torch.Tensor  # B x K x D, after GCR (Q)
+    patch_tokens: torch.Tensor  # B x N x D
+    aux_patch_tokens: torch.Tensor  # B x N x D
+    grid: tuple[int, int]
+    class_patch_attn: Optional[torch.Tensor] = None  # B x K x N when asked for
+
+
+class MoReNet(nn.Module):
+    """MoRe: backbone (`encoder`), `classifier`, `aux_classifier`, `graph_layer` (GCR), `decoder`.
+
+    Attribute names follow the published checkpoints (SPEC 8) so that they map over.
+    """
+
+    def __init__(self, backbone: str = "vit_base_patch16_224", num_classes: int = 20, num_registers: int = 4,
+                 topk_ratio: float = 0.5, gcr_score: str = "published", attn_impl: str = "sdpa",
+                 decoder_bias: bool = False, img_size: Optional[int] = None):
+        super().__init__()
+        self.config = dict(backbone=backbone, num_classes=num_classes, num_registers=num_registers,
+                           topk_ratio=topk_ratio, gcr_score=gcr_score, attn_impl=attn_impl,
+                           decoder_bias=decoder_bias, img_size=img_size)
+        self.num_classes = num_classes
+        self.encoder = MoReBackbone(backbone, num_classes, num_registers, attn_impl=attn_impl, img_size=img_size)
+        d = self.encoder.embed_dim
+        self.classifier = make_classifier(d, num_classes)
+        self.aux_classifier = make_classifier(d, num_classes)
+        self.graph_layer = GCR(d, topk_ratio=topk_ratio, score=gcr_score)
+        self.decoder = LargeFOV(d, num_classes, bias=decoder_bias)
+
+    def forward_features(self, x: torch.Tensor, attn_reduce: Optional[str] = None) -> BackboneOutput:
+        return self.encoder(x, attn_reduce=attn_reduce)
+
+    def forward_head(self, feats: BackboneOutput) -> MoReOutput:
+        p, p_aux = feats.patch_tokens, feats.aux_patch_tokens
+        return MoReOutput(
+            logits=classifier_logits(self.classifier, p),
+            aux_logits=classifier_logits(self.aux_classifier, p_aux),
+            seg=self.decoder(tokens_to_map(p, feats.grid)),
+            class_tokens=self.graph_layer(feats.class_tokens, p),
+            patch_tokens=p,
+            aux_patch_tokens=p_aux,
+            grid=feats.grid,
+            class_patch_attn=feats.class_patch_attn,
+        )
+
+    def forward(self, x: torch.Tensor, attn_reduce: Optional[str] = None) -> MoReOutput:
+        return self.forward_head(self.forward_features(x, attn_reduce=attn_reduce))
+
+    def cams(self, feats: BackboneOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CAM, aux CAM), each B x K x h x w, from backbone outputs (no ReLU)."""
+        return (classifier_cam(self.classifier, feats.patch_tokens, feats.grid),
+                classifier_cam(self.aux_classifier, feats.aux_patch_tokens, feats.grid))
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The five AdamW groups of SPEC 6: backbone weights, backbone norms, classifiers, GCR, decoder."""
+        groups = {"backbone": [], "backbone_norm": [], "classifiers": [], "gcr": [], "decoder": []}
+        for name, param in self.encoder.named_parameters():
+            is_norm = param.dim() == 1 and ("norm" in name)
+            groups["backbone_norm" if is_norm else "backbone"].append(param)
+        groups["classifiers"] = list(self.classifier.parameters()) + list(self.aux_classifier.parameters())
+        groups["gcr"] = list(self.graph_layer.parameters())
+        groups["decoder"] = list(self.decoder.parameters())
+        return groups

@@ -1,0 +1,98 @@
+"""Training configuration: one dataclass, commented defaults, and the published VOC/COCO recipes."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = "synthetic"  # synthetic | voc | coco
+    data_root: Optional[str] = None  # folder in the VOC layout (synthetic: the cache folder)
+    train_split: str = "train"  # VOC: train_aug
+    val_split: str = "val"
+    split_list: Optional[str] = None  # a file overriding the train split list
+    num_classes: int = 6  # K (20 VOC, 80 COCO; synthetic: its class count)
+    crop_size: int = 96  # training crop and evaluation size (VOC: 448)
+    workers: int = 2  # DataLoader workers
+    # model
+    backbone: str = "vit_tiny_patch16_224"  # any timm ViT name (VOC: vit_base_patch16_224)
+    pretrained: Optional[str] = None  # a local timm .pth/.safetensors file; nothing is downloaded
+    num_registers: int = 4  # R
+    topk_ratio: float = 0.5  # GCR k = int(0.5 K)
+    gcr_score: str = "published"  # published | dot
+    # schedule
+    iters: int = 400  # iterations to run (VOC: 20,000)
+    schedule_iters: Optional[int] = None  # length of the LR schedule and loss phases; None: max(iters, recipe_iters)
+    recipe_iters: int = 400  # the recipe's own length (synthetic 400, VOC 20,000, COCO 80,000)
+    batch_size: int = 8  # VOC: 4
+    backbone_lr: float = 6e-5 * 10  # backbone weights and norms (VOC: 6e-5; from scratch: higher)
+    head_lr: float = 6e-4 * 5  # classifiers, GCR, decoder (VOC: 6e-4)
+    weight_decay: float = 0.01
+    warmup_iters: int = 1500  # VOC value; scaled with iters when it would not fit
+    poly_power: float = 0.9
+    # loss schedule (VOC values; scaled with iters when they would not fit, see scaled())
+    seg_start: int = 2000  # L_seg and L_reg join after this iteration
+    label_switch: int = 10000  # L_cre / L_ure labels move from the aux CAM to the CAM
+    ptc_start: int = 0  # COCO: 8,000
+    lir_start: int = 0  # COCO: 12,000
+    cre_temperature: float = 0.5  # VOC 0.5, COCO 0.1
+    w_cre: float = 0.2  # COCO 0.1
+    w_ure: float = 0.1  # COCO 0.01
+    w_ptc: float = 0.3
+    w_seg: float = 0.12
+    w_reg: float = 0.05
+    cam_scales: tuple = (1.0, 0.5, 0.75, 1.5)  # COCO adds 1.25
+    reference_iters: int = 20000  # the recipe's length that the thresholds above refer to
+    # evaluation and output
+    eval_every: int = 200
+    log_every: int = 20
+    eval_bkg: float = 0.45  # background score for CAM / aux CAM / LAM label maps in evaluation
+    num_panels: int = 4  # PNG panels written at each evaluation
+    out: str = "runs/default"
+    resume: Optional[str] = None
+    seed: int = 0
+    # speed
+    amp: bool = False  # bf16 autocast (on the CPU only where it is not slower)
+    compile: bool = False
+    kernels: str = "auto"  # auto | triton | reference
+    device: str = "auto"  # auto | cpu | cuda
+    on_nonfinite: str = "stop"  # stop | skip
+    # synthetic data set size (only for data=synthetic)
+    synthetic_train: int = 1000
+    synthetic_val: int = 100
+
+    @property
+    def total_iters(self) -> int:
+        """T of the schedule. `--iters` below it stops a run early without changing its schedule,
+        so a run of n iterations resumed to 2n matches a run of 2n (issue 9)."""
+        return self.schedule_iters if self.schedule_iters is not None else max(self.iters, self.recipe_iters)
+
+    def scaled(self, name: str) -> int:
+        """An iteration threshold of the recipe, scaled to the schedule when it is shorter."""
+        value = getattr(self, name)
+        if self.total_iters >= self.reference_iters:
+            return value
+        return int(round(value * self.total_iters / self.reference_iters))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+VOC_RECIPE = dict(
+    data="voc", train_split="train_aug", val_split="val", num_classes=20, crop_size=448,
+    backbone="vit_base_patch16_224", iters=20000, recipe_iters=20000, batch_size=4, backbone_lr=6e-5, head_lr=6e-4,
+    warmup_iters=1500, seg_start=2000, label_switch=10000, cre_temperature=0.5, w_cre=0.2, w_ure=0.1,
+    cam_scales=(1.0, 0.5, 0.75, 1.5), reference_iters=20000, eval_every=2000, log_every=100,
+    eval_bkg=0.45,
+)
+
+COCO_RECIPE = dict(
+    VOC_RECIPE, data="coco", train_split="train", val_split="val", num_classes=80, iters=80000, recipe_iters=80000,
+    reference_iters=80000, ptc_start=8000, lir_start=12000, seg_start=16000, label_switch=40000,
+    cre_temperature=0.1, w_cre=0.1, w_ure=0.01, cam_scales=(1.0, 0.5, 0.75, 1.25, 1.5), eval_every=8000,
+)
+
+RECIPES = {"synthetic": {}, "voc": VOC_RECIPE, "coco": COCO_RECIPE}

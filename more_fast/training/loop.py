@@ -1,0 +1,332 @@
+"""The MoRe training loop (SPEC 2, 3, 4, 6): one readable step, logging, evaluation, checkpoints.
+
+A step: the training forward (grad); the no-grad multi-scale CAM passes, reusing the training
+forward for the unflipped scale-1.0 pass; labels from the CAMs (and PAR pseudo labels once the
+decoder joins); the losses; AdamW. With `--compile` the model and the losses are compiled
+(fullgraph). Nothing in the step waits for the device except on logging iterations (and, with
+`on_nonfinite="skip"`, the finiteness check of every step).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .. import cam as C
+from .. import losses as L
+from ..data import normalize
+from ..model.network import MoReNet, MoReOutput
+from . import state as S
+from .config import TrainConfig
+from .data import build_dataset, eval_loader, resolve_data_root, train_loader
+from .evaluate import evaluate, format_table
+from .optim import build_optimizer, build_scheduler
+from .telemetry import format_eta, gpu_telemetry, peak_flops, step_flops
+
+TERMS = ("cls", "aux", "mct", "ptc", "cre", "ure", "seg", "reg")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def loss_weights(cfg: TrainConfig, it: int) -> dict[str, float]:
+    """The loss terms active at iteration `it` (0-based) and their weights (SPEC 2, Total)."""
+    w = {"cls": 1.0, "aux": 1.0, "mct": 1.0}
+    if it >= cfg.scaled("ptc_start"):
+        w["ptc"] = cfg.w_ptc
+    if it >= cfg.scaled("lir_start"):
+        w["cre"] = cfg.w_cre
+        w["ure"] = cfg.w_ure
+    if it > cfg.scaled("seg_start"):
+        w["seg"] = cfg.w_seg
+        w["reg"] = cfg.w_reg
+    return w
+
+
+def compute_losses(out: MoReOutput, cls_labels: torch.Tensor, ptc_labels: torch.Tensor,
+                   cre_labels: torch.Tensor, ure_index: torch.Tensor, ure_valid: torch.Tensor,
+                   seg_labels: Optional[torch.Tensor], image: torch.Tensor, weights: dict[str, float],
+                   cre_temperature: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The weighted total and each active term. Labels on the grid are B x N (seg: B x H x W)."""
+    terms = {
+        "cls": L.cls_loss(out.logits, cls_labels),
+        "aux": L.cls_loss(out.aux_logits, cls_labels),
+        "mct": L.mct_loss(out.class_tokens),
+    }
+    if "ptc" in weights:
+        terms["ptc"] = L.ptc_loss(out.patch_tokens, ptc_labels)
+    if "cre" in weights:
+        terms["cre"] = L.cre_loss(out.class_tokens, out.patch_tokens, cre_labels, cls_labels, cre_temperature)
+        terms["ure"] = L.ure_loss(out.patch_tokens, out.class_tokens, ure_index, ure_valid, cls_labels)
+    if "seg" in weights:
+        seg = F.interpolate(out.seg.float(), size=image.shape[-2:], mode="bilinear", align_corners=False)
+        terms["seg"] = L.seg_loss(seg, seg_labels)
+        terms["reg"] = L.reg_loss(image, seg, seg_labels)
+    total = sum(weights[name] * value.float() for name, value in terms.items())
+    return total, terms
+
+
+@dataclass
+class StepLabels:
+    ptc: torch.Tensor  # B x N
+    cre: torch.Tensor  # B x N
+    ure_index: torch.Tensor  # B x S
+    ure_valid: torch.Tensor  # B x S
+    seg: Optional[torch.Tensor]  # B x H x W
+
+
+def pick_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device: cuda requested but no CUDA device is available")
+    return torch.device(cfg.device)
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_amp(cfg: TrainConfig, device: torch.device) -> tuple[Optional[torch.dtype], str]:
+    """bf16 autocast on CUDA; on the CPU only where bf16 matmuls are native (not slower)."""
+    if not cfg.amp:
+        return None, "amp off (fp32)"
+    if device.type == "cuda":
+        return torch.bfloat16, "amp on: bf16 autocast on CUDA"
+    if cpu_has_fast_bf16():
+        return torch.bfloat16, "amp on: bf16 autocast on the CPU (avx512_bf16/amx present)"
+    return None, "amp requested but off: this CPU has no native bf16, where bf16 is slower than fp32"
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, rank: int = 0, world: int = 1, log=print):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.is_main = rank == 0
+        self._log = log
+        os.environ["MORE_FAST_KERNELS"] = cfg.kernels
+        self.device = pick_device(cfg)
+        self.out = pathlib.Path(cfg.out)
+        torch.manual_seed(cfg.seed)
+        root = resolve_data_root(cfg)
+        self.train_set = build_dataset(cfg, root, cfg.train_split, True, cfg.split_list)
+        self.val_set = build_dataset(cfg, root, cfg.val_split, False)
+        self.model = MoReNet(cfg.backbone, cfg.num_classes, cfg.num_registers, cfg.topk_ratio, cfg.gcr_score)
+        if cfg.pretrained:
+            from ..checkpoint import read_state_dict
+
+            unused = self.model.encoder.load_pretrained_vit(read_state_dict(cfg.pretrained))
+            self.log(f"initialized the backbone from {cfg.pretrained} ({len(unused)} checkpoint tensors unused)")
+        self.model.to(self.device).train()
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.amp_dtype, amp_note = resolve_amp(cfg, self.device)
+        self.ure_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+        self.start_iter, self.skipped = 0, 0
+        if cfg.resume:
+            self._resume(pathlib.Path(cfg.resume))
+        wrapped = self.model
+        if world > 1:
+            wrapped = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)  # the decoder gets no gradient before L_seg joins
+        self.forward = torch.compile(wrapped, fullgraph=True) if cfg.compile else wrapped
+        self.features = torch.compile(self.model.forward_features, fullgraph=True) if cfg.compile else None
+        self.losses = torch.compile(compute_losses, fullgraph=True) if cfg.compile else compute_losses
+        self.backend_note = f"kernels: {cfg.kernels}"
+        self.log(f"device {self.device} | {amp_note} | compile {'on' if cfg.compile else 'off'} | "
+                 f"{self.backend_note} | world size {world}")
+        self._log_schedule()
+
+    # ---------------------------------------------------------------- utilities
+    def log(self, msg: str) -> None:
+        if self.is_main:
+            self._log(msg)
+
+    def _log_schedule(self) -> None:
+        cfg = self.cfg
+        t = cfg.total_iters
+        note = "" if t >= cfg.reference_iters else f" (the recipe's {cfg.reference_iters}-iteration thresholds scaled by {t}/{cfg.reference_iters})"
+        self.log(f"schedule: {t} iterations, running {cfg.iters}; warm-up {cfg.scaled('warmup_iters')}, "
+                 f"L_seg/L_reg after {cfg.scaled('seg_start')}, LIR labels from the CAM after "
+                 f"{cfg.scaled('label_switch')}{note}")
+
+    def _resume(self, folder: pathlib.Path) -> None:
+        state, path = S.load_latest(folder, map_location="cpu")
+        if state is None:
+            raise FileNotFoundError(f"--resume: no readable checkpoint in {folder}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        S.set_rng_state(state["rng"])
+        self.ure_gen.set_state(state["ure_generator"].to(self.ure_gen.get_state().device))
+        self.start_iter = int(state["iteration"])
+        self.skipped = int(state.get("skipped", 0))
+        self.log(f"resumed from {path} at iteration {self.start_iter}")
+
+    def save(self, iteration: int) -> pathlib.Path:
+        path = S.checkpoint_path(self.out, iteration)
+        if self.is_main:
+            S.save_atomic({
+                "model": self.model.state_dict(),
+                "model_config": self.model.config,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": S.rng_state(),
+                "ure_generator": self.ure_gen.get_state(),
+                "iteration": iteration,
+                "skipped": self.skipped,
+                "config": self.cfg.to_dict(),
+            }, path)
+        return path
+
+    # ---------------------------------------------------------------- one step
+    @torch.no_grad()
+    def make_labels(self, x: torch.Tensor, image: torch.Tensor, out: MoReOutput, cls_labels: torch.Tensor,
+                    it: int, weights: dict) -> StepLabels:
+        cfg = self.cfg
+        reuse = self.model.cams(out)  # the unflipped scale-1.0 CAMs from the training forward
+        maps = C.multiscale_maps(self.model, x, cfg.cam_scales, reuse=reuse, backbone=self.features)
+        grid = out.grid
+        cam = C.resize_to_grid(maps["cam"], grid)
+        aux = C.resize_to_grid(maps["aux_cam"], grid)
+        ptc = C.cam_labels(aux, cls_labels, 0.7, 0.25).flatten(1)  # B x N
+        if it < cfg.scaled("label_switch"):
+            cre = C.cam_labels(aux, cls_labels, 0.5, 0.25)
+            ure = C.cam_labels(aux, cls_labels, 0.7, 0.25)
+        else:
+            cre = C.cam_labels(cam, cls_labels, 0.6, 0.35)
+            ure = cre
+        noise = torch.rand(ure.shape[0], ure.shape[1] * ure.shape[2], generator=self.ure_gen, device=self.device)
+        ure_index, ure_valid = L.ure_sample(ure, noise)
+        seg = C.par_pseudo_labels(image, maps["cam"], cls_labels) if "seg" in weights else None
+        return StepLabels(ptc, cre.flatten(1), ure_index, ure_valid, seg)
+
+    def step(self, it: int, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.cfg
+        images_u8 = batch["image"].to(self.device, non_blocking=True)
+        cls_labels = batch["cls_label"].to(self.device, non_blocking=True)
+        x = normalize(images_u8)  # B x 3 x H x W, normalized on the device
+        image = images_u8.float()  # 0..255 for PAR and L_reg
+        weights = loss_weights(cfg, it)
+        amp = dict(device_type=self.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                   enabled=self.amp_dtype is not None)
+        with torch.autocast(**amp):
+            out = self.forward(x)
+            labels = self.make_labels(x, image, out, cls_labels, it, weights)
+            total, terms = self.losses(out, cls_labels, labels.ptc, labels.cre, labels.ure_index,
+                                       labels.ure_valid, labels.seg, image, weights, cfg.cre_temperature)
+        if cfg.on_nonfinite == "skip" and not bool(torch.isfinite(total)):  # a sync, only in skip mode
+            self.skipped += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            return total.detach(), {k: v.detach() for k, v in terms.items()}
+        total.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return total.detach(), {k: v.detach() for k, v in terms.items()}
+
+    # ---------------------------------------------------------------- the run
+    def _check_finite(self, it: int, total: torch.Tensor, terms: dict) -> None:
+        for name, value in terms.items():
+            if not bool(torch.isfinite(value)):
+                last = S.list_checkpoints(self.out)
+                keep = f"; the last good checkpoint is {last[0]}" if last else "; no checkpoint was written yet"
+                raise NonFiniteLoss(f"non-finite loss term '{name}' ({float(value)}) at iteration {it}{keep}")
+        if not bool(torch.isfinite(total)):
+            raise NonFiniteLoss(f"non-finite total loss at iteration {it}")
+
+    def _reduce(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        if self.world > 1:
+            names = sorted(values)
+            stacked = torch.stack([values[n].float() for n in names])
+            dist.all_reduce(stacked)
+            return {n: float(v) / self.world for n, v in zip(names, stacked)}
+        return {n: float(v) for n, v in values.items()}
+
+    def evaluate(self, it: int) -> dict[str, float]:
+        cfg = self.cfg
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            results = evaluate(self.model, eval_loader(self.val_set, cfg, self.device, self.rank, self.world),
+                               cfg.num_classes, self.device, cfg.cam_scales, cfg.eval_bkg,
+                               amp_dtype=self.amp_dtype,
+                               panel_dir=self.out / "panels" / f"iter_{it:08d}" if self.is_main else None,
+                               num_panels=cfg.num_panels)
+        self.log(format_table(results, it))
+        self._write_metrics({"iter": it, "eval": results})
+        return results
+
+    def _write_metrics(self, record: dict) -> None:
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def run(self) -> dict[str, float]:
+        cfg = self.cfg
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        if self.start_iter >= cfg.iters:
+            self.log(f"nothing to do: the checkpoint is at iteration {self.start_iter} >= --iters {cfg.iters}")
+        loader = iter(train_loader(self.train_set, cfg, self.start_iter * cfg.batch_size, self.device,
+                                   self.rank, self.world))
+        m = self.model.encoder
+        flops = step_flops(cfg.crop_size, cfg.batch_size * self.world, m.embed_dim, len(m.blocks),
+                           m.num_prefix, cfg.num_classes, cfg.cam_scales, m.patch_size)
+        peak = peak_flops(self.device)
+        results: dict[str, float] = {}
+        t_last, it_last, t_start = time.perf_counter(), self.start_iter, time.perf_counter()
+        evaluated_at = -1
+        for it in range(self.start_iter, cfg.iters):
+            total, terms = self.step(it, next(loader))
+            done = it + 1
+            if done % cfg.log_every == 0 or done == cfg.iters or done == self.start_iter + 1:
+                if cfg.on_nonfinite == "stop":
+                    self._check_finite(done, total, terms)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                now = time.perf_counter()
+                sec_per_it = (now - t_last) / max(1, done - it_last)
+                t_last, it_last = now, done
+                ips = cfg.batch_size * self.world / sec_per_it
+                values = self._reduce({"loss": total, **terms})
+                lr = self.optimizer.param_groups[0]["lr"], self.optimizer.param_groups[2]["lr"]
+                mfu = f" | MFU {100 * flops / sec_per_it / peak:.1f}%" if peak else ""
+                parts = " ".join(f"{k} {values[k]:.4f}" for k in TERMS if k in values)
+                self.log(f"it {done:>6}/{cfg.iters} | loss {values['loss']:.4f} ({parts}) | lr {lr[0]:.2e}/{lr[1]:.2e} | "
+                         f"{ips:.1f} img/s | {flops / sec_per_it / 1e12:.3f} TFLOP/s{mfu} | "
+                         f"ETA {format_eta(sec_per_it * (cfg.iters - done))}")
+                self._write_metrics({"iter": done, **values, "lr": lr[0], "img_per_s": ips,
+                                     "skipped": self.skipped, **gpu_telemetry(self.device)})
+            if done % cfg.eval_every == 0 or done == cfg.iters:
+                if cfg.on_nonfinite == "stop":
+                    self._check_finite(done, total, terms)
+                results = self.evaluate(done)
+                evaluated_at = done
+                path = self.save(done)
+                self.log(f"checkpoint {path}")
+                t_last = time.perf_counter()  # evaluation time is not training throughput
+        if evaluated_at < 0 and self.start_iter >= cfg.iters:
+            results = self.evaluate(self.start_iter)
+        if self.is_main:
+            (self.out / "results.json").write_text(json.dumps({"iter": cfg.iters, "miou": results}, indent=2))
+            self.log(f"done in {format_eta(time.perf_counter() - t_start)}; outputs in {self.out} "
+                     f"(metrics.jsonl, results.json, panels/, checkpoints/)")
+        return results

@@ -1,0 +1,95 @@
+"""PAR refinement (SPEC 4): Triton kernels (under the interpreter here) vs the float64 reference."""
+import pytest
+import torch
+
+import kernels
+from kernels import par as par_mod
+from kernels import reference
+
+DIL = (1, 2, 4, 8, 12, 24)
+
+
+@pytest.fixture(autouse=True)
+def _triton(monkeypatch):
+    monkeypatch.setenv("MORE_FAST_KERNELS", "triton")
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _inputs(b, ci, c, h, w, dtype):
+    image = (torch.rand(b, ci, h, w, dtype=torch.float64) * 255).to(dtype)
+    masks = torch.randn(b, c, h, w, dtype=torch.float64).softmax(1).to(dtype)
+    return image, masks
+
+
+def _ref(image, masks, dilations, num_iter):
+    return reference.par_refine(image.double(), masks.double(), dilations, num_iter)
+
+
+def test_dispatch_is_triton():
+    assert kernels.resolve_backend("par_refine", torch.device("cpu")) == "triton"
+
+
+@pytest.mark.parametrize("dilations", [DIL, (1, 3, 40)])
+def test_affinity_matches_reference(dilations):
+    image, _ = _inputs(2, 3, 1, 13, 17, torch.float32)
+    aff = par_mod.par_affinity_triton(image, dilations)
+    ref = reference.par_affinity(image.double(), dilations)
+    assert aff.shape == ref.shape == (2, 8 * len(dilations), 13, 17)
+    assert _rel(aff, ref) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "b, ci, c, h, w, dilations, num_iter, dtype",
+    [
+        (2, 3, 5, 13, 17, DIL, 10, torch.float32),  # dilations 12, 24 exceed the 13-row image
+        (1, 3, 1, 13, 17, (1, 3, 40), 1, torch.float32),  # C = 1, a dilation beyond both sides
+        (2, 3, 3, 9, 11, (1, 2), 0, torch.float32),  # no iteration: the masks in fp32
+        (2, 3, 21, 7, 19, (2,), 3, torch.float32),  # C > the channel block, one dilation
+        (1, 1, 4, 11, 9, DIL, 2, torch.float32),  # a grayscale image
+        (2, 3, 6, 13, 17, DIL, 10, torch.float16),
+        (1, 3, 4, 13, 17, DIL, 2, torch.bfloat16),
+        (1, 3, 4, 13, 17, DIL, 2, torch.float64),
+    ],
+)
+def test_par_refine_matches_reference(b, ci, c, h, w, dilations, num_iter, dtype):
+    image, masks = _inputs(b, ci, c, h, w, dtype)
+    out = kernels.par_refine(image, masks, dilations, num_iter)
+    assert out.dtype == torch.float32 and out.shape == masks.shape
+    # inputs are identical for both sides and the output is fp32: fp32-level agreement
+    # holds for every input dtype, tighter than the 1e-2 allowed for fp16
+    assert _rel(out, _ref(image, masks, dilations, num_iter)) <= 1e-5
+
+
+def test_two_mask_sets_concatenated_equal_separate_calls():
+    image, m1 = _inputs(2, 3, 3, 13, 17, torch.float32)
+    m2 = torch.randn(2, 3, 13, 17).softmax(1)
+    both = kernels.par_refine(image, torch.cat([m1, m2], dim=1), DIL, 4)
+    one = kernels.par_refine(image, m1, DIL, 4)
+    two = kernels.par_refine(image, m2, DIL, 4)
+    assert torch.equal(both, torch.cat([one, two], dim=1))
+    assert _rel(both, _ref(image, torch.cat([m1, m2], dim=1), DIL, 4)) <= 1e-5
+
+
+def test_strided_inputs_and_no_grad():
+    """Non-contiguous image and masks are read through their strides; outputs carry no grad."""
+    image, masks = _inputs(2, 3, 10, 13, 17, torch.float32)
+    image = image.to(memory_format=torch.channels_last).requires_grad_()
+    masks = masks[:, ::2].transpose(2, 3).contiguous().transpose(2, 3).requires_grad_()  # strided
+    assert not masks.is_contiguous() and not image.is_contiguous()
+    out = kernels.par_refine(image, masks, (1, 5), 2)
+    assert not out.requires_grad
+    assert _rel(out, _ref(image.detach(), masks.detach(), (1, 5), 2)) <= 1e-5
+
+
+def test_compile_fullgraph():
+    image, masks = _inputs(1, 3, 2, 9, 13, torch.float32)
+
+    @torch.compile(fullgraph=True)
+    def refine(img, m):
+        return kernels.par_refine(img, m, [1, 2, 20], 2) * 2.0
+
+    out = refine(image, masks)
+    assert _rel(out, 2.0 * _ref(image, masks, (1, 2, 20), 2)) <= 1e-5
