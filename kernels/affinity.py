@@ -296,11 +296,16 @@ def _dot_config(dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
     return True, _f32_precision(device)  # fp32 (and fp64, computed in fp32)
 
 
+def _pow2_clamp(x: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
+
+
 def _fwd_config(device: torch.device, n: int, d: int) -> dict:
     """Block sizes of the forward (tests override this to exercise multi-tile paths)."""
     if device.type == "cuda":
         return dict(block=64, block_d=32, num_warps=4, num_stages=3)
-    return dict(block=64, block_d=128, num_warps=4, num_stages=1)  # interpreter: fewer, larger steps
+    # interpreter: each program costs ~10 ms of Python, so few large blocks
+    return dict(block=_pow2_clamp(n, 16, 256), block_d=_pow2_clamp(d, 16, 256), num_warps=4, num_stages=1)
 
 
 def _bwd_config(device: torch.device, b: int, n: int, d: int) -> dict:
@@ -311,13 +316,14 @@ def _bwd_config(device: torch.device, b: int, n: int, d: int) -> dict:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         split = max(1, min(4, triton.cdiv(sms, b * t_i)))  # about one wave of programs
         return dict(block_m=block_m, block_n=64, block_d=32, block_do=64, split=split, num_warps=4, num_stages=2)
-    return dict(block_m=64, block_n=64, block_d=128, block_do=128, split=1, num_warps=4, num_stages=1)
+    block, block_d = _pow2_clamp(n, 16, 256), _pow2_clamp(d, 16, 256)
+    return dict(block_m=block, block_n=block, block_d=block_d, block_do=block_d, split=1, num_warps=4, num_stages=1)
 
 
 def _rows_config(device: torch.device) -> dict:
     if device.type == "cuda":
         return dict(block_r=8, block_d=256, num_warps=4)
-    return dict(block_r=64, block_d=256, num_warps=4)
+    return dict(block_r=256, block_d=256, num_warps=4)
 
 
 def _affinity_forward(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: int):

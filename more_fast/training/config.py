@@ -23,6 +23,7 @@ class TrainConfig:
     num_registers: int = 4  # R
     topk_ratio: float = 0.5  # GCR k = int(0.5 K)
     gcr_score: str = "published"  # published | dot
+    attn_impl: str = "sdpa"  # sdpa (fused attention) | explicit (the published way, for baselines)
     # schedule
     iters: int = 400  # iterations to run (VOC: 20,000)
     schedule_iters: Optional[int] = None  # length of the LR schedule and loss phases; None: max(iters, recipe_iters)

@@ -114,88 +114,29 @@ def resolve_amp(cfg: TrainConfig, device: torch.device) -> tuple[Optional[torch.
     return None, "amp requested but off: this CPU has no native bf16, where bf16 is slower than fp32"
 
 
-class Trainer:
-    def __init__(self, cfg: TrainConfig, rank: int = 0, world: int = 1, log=print):
-        self.cfg, self.rank, self.world = cfg, rank, world
-        self.is_main = rank == 0
-        self._log = log
-        os.environ["MORE_FAST_KERNELS"] = cfg.kernels
-        self.device = pick_device(cfg)
-        self.out = pathlib.Path(cfg.out)
-        torch.manual_seed(cfg.seed)
-        root = resolve_data_root(cfg)
-        self.train_set = build_dataset(cfg, root, cfg.train_split, True, cfg.split_list)
-        self.val_set = build_dataset(cfg, root, cfg.val_split, False)
-        self.model = MoReNet(cfg.backbone, cfg.num_classes, cfg.num_registers, cfg.topk_ratio, cfg.gcr_score)
-        if cfg.pretrained:
-            from ..checkpoint import read_state_dict
+class TrainStep:
+    """One MoRe training step on a model: forward, no-grad CAM passes and labels, losses, AdamW.
 
-            unused = self.model.encoder.load_pretrained_vit(read_state_dict(cfg.pretrained))
-            self.log(f"initialized the backbone from {cfg.pretrained} ({len(unused)} checkpoint tensors unused)")
-        self.model.to(self.device).train()
-        self.optimizer = build_optimizer(self.model, cfg)
+    Owns the optimizer, the schedule, the L_ure sampler's generator and the compiled callables.
+    `step(it, batch)` takes a batch dict with "image" (B x 3 x H x W uint8) and "cls_label" (B x K).
+    """
+
+    def __init__(self, model: MoReNet, cfg: TrainConfig, device: torch.device, wrapped=None):
+        self.model, self.cfg, self.device = model, cfg, device
+        self.optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
-        self.amp_dtype, amp_note = resolve_amp(cfg, self.device)
-        self.ure_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
-        self.start_iter, self.skipped = 0, 0
-        if cfg.resume:
-            self._resume(pathlib.Path(cfg.resume))
-        wrapped = self.model
-        if world > 1:
-            wrapped = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True)  # the decoder gets no gradient before L_seg joins
+        self.amp_dtype, self.amp_note = resolve_amp(cfg, device)
+        self.ure_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        self.skipped = 0
+        self.wrap(wrapped if wrapped is not None else model)
+
+    def wrap(self, wrapped) -> None:
+        """(Re)build the compiled callables around `wrapped` (the model, or its DDP wrapper)."""
+        cfg = self.cfg
         self.forward = torch.compile(wrapped, fullgraph=True) if cfg.compile else wrapped
         self.features = torch.compile(self.model.forward_features, fullgraph=True) if cfg.compile else None
         self.losses = torch.compile(compute_losses, fullgraph=True) if cfg.compile else compute_losses
-        self.backend_note = f"kernels: {cfg.kernels}"
-        self.log(f"device {self.device} | {amp_note} | compile {'on' if cfg.compile else 'off'} | "
-                 f"{self.backend_note} | world size {world}")
-        self._log_schedule()
 
-    # ---------------------------------------------------------------- utilities
-    def log(self, msg: str) -> None:
-        if self.is_main:
-            self._log(msg)
-
-    def _log_schedule(self) -> None:
-        cfg = self.cfg
-        t = cfg.total_iters
-        note = "" if t >= cfg.reference_iters else f" (the recipe's {cfg.reference_iters}-iteration thresholds scaled by {t}/{cfg.reference_iters})"
-        self.log(f"schedule: {t} iterations, running {cfg.iters}; warm-up {cfg.scaled('warmup_iters')}, "
-                 f"L_seg/L_reg after {cfg.scaled('seg_start')}, LIR labels from the CAM after "
-                 f"{cfg.scaled('label_switch')}{note}")
-
-    def _resume(self, folder: pathlib.Path) -> None:
-        state, path = S.load_latest(folder, map_location="cpu")
-        if state is None:
-            raise FileNotFoundError(f"--resume: no readable checkpoint in {folder}")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        S.set_rng_state(state["rng"])
-        self.ure_gen.set_state(state["ure_generator"].to(self.ure_gen.get_state().device))
-        self.start_iter = int(state["iteration"])
-        self.skipped = int(state.get("skipped", 0))
-        self.log(f"resumed from {path} at iteration {self.start_iter}")
-
-    def save(self, iteration: int) -> pathlib.Path:
-        path = S.checkpoint_path(self.out, iteration)
-        if self.is_main:
-            S.save_atomic({
-                "model": self.model.state_dict(),
-                "model_config": self.model.config,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": S.rng_state(),
-                "ure_generator": self.ure_gen.get_state(),
-                "iteration": iteration,
-                "skipped": self.skipped,
-                "config": self.cfg.to_dict(),
-            }, path)
-        return path
-
-    # ---------------------------------------------------------------- one step
     @torch.no_grad()
     def make_labels(self, x: torch.Tensor, image: torch.Tensor, out: MoReOutput, cls_labels: torch.Tensor,
                     it: int, weights: dict) -> StepLabels:
@@ -242,6 +183,84 @@ class Trainer:
         self.scheduler.step()
         return total.detach(), {k: v.detach() for k, v in terms.items()}
 
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, rank: int = 0, world: int = 1, log=print):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.is_main = rank == 0
+        self._log = log
+        os.environ["MORE_FAST_KERNELS"] = cfg.kernels
+        self.device = pick_device(cfg)
+        self.out = pathlib.Path(cfg.out)
+        torch.manual_seed(cfg.seed)
+        root = resolve_data_root(cfg)
+        self.train_set = build_dataset(cfg, root, cfg.train_split, True, cfg.split_list)
+        self.val_set = build_dataset(cfg, root, cfg.val_split, False)
+        self.model = MoReNet(cfg.backbone, cfg.num_classes, cfg.num_registers, cfg.topk_ratio, cfg.gcr_score,
+                             attn_impl=cfg.attn_impl)
+        if cfg.pretrained:
+            from ..checkpoint import read_state_dict
+
+            unused = self.model.encoder.load_pretrained_vit(read_state_dict(cfg.pretrained))
+            self.log(f"initialized the backbone from {cfg.pretrained} ({len(unused)} checkpoint tensors unused)")
+        self.model.to(self.device).train()
+        self.start_iter = 0
+        wrapped = self.model
+        if world > 1:
+            wrapped = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)  # the decoder gets no gradient before L_seg joins
+        self.trainer = TrainStep(self.model, cfg, self.device, wrapped)
+        if cfg.resume:
+            self._resume(pathlib.Path(cfg.resume))
+        self.log(f"device {self.device} | {self.trainer.amp_note} | compile {'on' if cfg.compile else 'off'} | "
+                 f"kernels {cfg.kernels} | world size {world}")
+        self._log_schedule()
+
+    # ---------------------------------------------------------------- utilities
+    def log(self, msg: str) -> None:
+        if self.is_main:
+            self._log(msg)
+
+    def _log_schedule(self) -> None:
+        cfg = self.cfg
+        t = cfg.total_iters
+        note = "" if t >= cfg.reference_iters else f" (the recipe's {cfg.reference_iters}-iteration thresholds scaled by {t}/{cfg.reference_iters})"
+        self.log(f"schedule: {t} iterations, running {cfg.iters}; warm-up {cfg.scaled('warmup_iters')}, "
+                 f"L_seg/L_reg after {cfg.scaled('seg_start')}, LIR labels from the CAM after "
+                 f"{cfg.scaled('label_switch')}{note}")
+
+    def _resume(self, folder: pathlib.Path) -> None:
+        state, path = S.load_latest(folder, map_location="cpu")
+        if state is None:
+            raise FileNotFoundError(f"--resume: no readable checkpoint in {folder}")
+        t = self.trainer
+        self.model.load_state_dict(state["model"])
+        t.optimizer.load_state_dict(state["optimizer"])
+        t.scheduler.load_state_dict(state["scheduler"])
+        S.set_rng_state(state["rng"])
+        t.ure_gen.set_state(state["ure_generator"])
+        self.start_iter = int(state["iteration"])
+        t.skipped = int(state.get("skipped", 0))
+        self.log(f"resumed from {path} at iteration {self.start_iter}")
+
+    def save(self, iteration: int) -> pathlib.Path:
+        path = S.checkpoint_path(self.out, iteration)
+        if self.is_main:
+            S.save_atomic({
+                "model": self.model.state_dict(),
+                "model_config": self.model.config,
+                "optimizer": self.trainer.optimizer.state_dict(),
+                "scheduler": self.trainer.scheduler.state_dict(),
+                "rng": S.rng_state(),
+                "ure_generator": self.trainer.ure_gen.get_state(),
+                "iteration": iteration,
+                "skipped": self.trainer.skipped,
+                "config": self.cfg.to_dict(),
+            }, path)
+        return path
+
     # ---------------------------------------------------------------- the run
     def _check_finite(self, it: int, total: torch.Tensor, terms: dict) -> None:
         for name, value in terms.items():
@@ -265,7 +284,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             results = evaluate(self.model, eval_loader(self.val_set, cfg, self.device, self.rank, self.world),
                                cfg.num_classes, self.device, cfg.cam_scales, cfg.eval_bkg,
-                               amp_dtype=self.amp_dtype,
+                               amp_dtype=self.trainer.amp_dtype,
                                panel_dir=self.out / "panels" / f"iter_{it:08d}" if self.is_main else None,
                                num_panels=cfg.num_panels)
         self.log(format_table(results, it))
@@ -295,7 +314,7 @@ class Trainer:
         t_last, it_last, t_start = time.perf_counter(), self.start_iter, time.perf_counter()
         evaluated_at = -1
         for it in range(self.start_iter, cfg.iters):
-            total, terms = self.step(it, next(loader))
+            total, terms = self.trainer.step(it, next(loader))
             done = it + 1
             if done % cfg.log_every == 0 or done == cfg.iters or done == self.start_iter + 1:
                 if cfg.on_nonfinite == "stop":
@@ -307,14 +326,15 @@ class Trainer:
                 t_last, it_last = now, done
                 ips = cfg.batch_size * self.world / sec_per_it
                 values = self._reduce({"loss": total, **terms})
-                lr = self.optimizer.param_groups[0]["lr"], self.optimizer.param_groups[2]["lr"]
+                groups = self.trainer.optimizer.param_groups
+                lr = groups[0]["lr"], groups[2]["lr"]
                 mfu = f" | MFU {100 * flops / sec_per_it / peak:.1f}%" if peak else ""
                 parts = " ".join(f"{k} {values[k]:.4f}" for k in TERMS if k in values)
                 self.log(f"it {done:>6}/{cfg.iters} | loss {values['loss']:.4f} ({parts}) | lr {lr[0]:.2e}/{lr[1]:.2e} | "
                          f"{ips:.1f} img/s | {flops / sec_per_it / 1e12:.3f} TFLOP/s{mfu} | "
                          f"ETA {format_eta(sec_per_it * (cfg.iters - done))}")
                 self._write_metrics({"iter": done, **values, "lr": lr[0], "img_per_s": ips,
-                                     "skipped": self.skipped, **gpu_telemetry(self.device)})
+                                     "skipped": self.trainer.skipped, **gpu_telemetry(self.device)})
             if done % cfg.eval_every == 0 or done == cfg.iters:
                 if cfg.on_nonfinite == "stop":
                     self._check_finite(done, total, terms)

@@ -1,0 +1,69 @@
+"""par_refine (SPEC 4) alone: reference eager, reference compiled, fused. Forward only (no grad).
+
+Production shape: PAR runs at half the 448 crop, so B = 4 images of 224 x 224, C = 4 and 21
+mask channels per background threshold, both thresholds refined in one call (2C channels),
+dilations (1, 2, 4, 8, 12, 24) (J = 48 neighbours), 10 iterations, fp32.
+
+On the CPU the production-shape reference takes minutes per call (one iteration alone is ~15 s
+on 2 cores: it materializes B x 2C x 48 x H x W), so it skips there, and a CPU stand-in shape
+(B = 4, 32 x 32, C = 4) runs the eager reference instead, marked `cpu_standin` in its shape.
+The compiled reference is timed on CUDA only: inductor on the CPU spends minutes compiling the
+unrolled 10-iteration graph.
+"""
+import pytest
+import torch
+
+from common import DEVICE, VARIANTS, measure, op_variant
+
+DILATIONS = (1, 2, 4, 8, 12, 24)
+NUM_ITER = 10
+B, SIZE = 4, 224
+CPU_STANDIN_SIZE = 32
+CASES = [("production", SIZE, 4), ("production", SIZE, 21)]
+if DEVICE.type != "cuda":
+    CASES.append(("cpu_standin", CPU_STANDIN_SIZE, 4))
+
+
+def _ideal_bytes(c2: int, hw: int, img_elt: int) -> float:
+    """Image read once, the B x J x HW fp32 affinity written once, then per iteration the fp32
+    masks read and written once and the affinity read once (an iteration needs the previous
+    one everywhere within 24 pixels, so iterations cannot share a pass)."""
+    j = 8 * len(DILATIONS)
+    aff = B * j * hw * 4
+    return B * 3 * hw * img_elt + aff + NUM_ITER * (2 * B * c2 * hw * 4 + aff)
+
+
+def _flops(c2: int, hw: int) -> float:
+    j = 8 * len(DILATIONS)
+    return NUM_ITER * 2.0 * B * c2 * j * hw + B * j * hw * 3 * 10
+
+
+@pytest.mark.parametrize("case, size, c", CASES, ids=[f"{n}-{s}x{s}-C{c}" for n, s, c in CASES])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_par_refine(benchmark, variant, case, size, c):
+    if DEVICE.type != "cuda" and variant != "fused":
+        if case == "production":
+            pytest.skip("reference PAR at 4 x 42 x 224 x 224 takes minutes per call on the CPU "
+                        "(the cpu_standin case runs instead)")
+        if variant == "reference_compiled":
+            pytest.skip("compiling the unrolled 10-iteration reference takes minutes on the CPU")
+    fn = op_variant("par_refine", variant)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    c2 = 2 * c  # the two background thresholds, concatenated along C
+    image = (torch.rand(B, 3, size, size, generator=gen) * 255).to(DEVICE)
+    masks = torch.randn(B, c2, size, size, generator=gen).softmax(1).to(DEVICE)
+    hw = size * size
+    cpu = DEVICE.type != "cuda"
+    with torch.no_grad():
+        measure(
+            benchmark,
+            lambda: fn(image, masks, DILATIONS, NUM_ITER),
+            variant=variant,
+            pass_="fwd",
+            shape=dict(case=case, B=B, H=size, W=size, C=c2, mask_sets=2, J=8 * len(DILATIONS),
+                       num_iter=NUM_ITER, dtype="float32"),
+            nbytes=_ideal_bytes(c2, hw, image.element_size()),
+            flops=_flops(c2, hw),
+            rounds=1 if cpu else None,
+            warmup=1 if cpu else 2,
+        )
