@@ -84,29 +84,12 @@ import triton.language as tl
 
 _SCORES = ("published", "dot")
 _NEG_KEY = tl.constexpr(-9223372036854775807)  # below every packed key of a real logit
+_MAX_KEY = tl.constexpr(9223372036854775807)
 
 
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
-if hasattr(tl, "topk"):
-
-    @triton.jit
-    def _topk_desc(x, K: tl.constexpr):
-        """The K largest entries of x along its last dim, largest first (bitonic top-k)."""
-        return tl.topk(x, K)
-
-else:  # older triton: a full bitonic sort, then keep the first K
-
-    @triton.jit
-    def _topk_desc(x, K: tl.constexpr):
-        """The K largest entries of x (1-D, power-of-two length) along it, largest first."""
-        n: tl.constexpr = x.shape[0]
-        y = tl.reshape(tl.sort(x, descending=True), [n // K, K])
-        first = tl.arange(0, n // K)[:, None] == 0
-        return tl.sum(tl.where(first, y, 0), axis=0)
-
-
 @triton.jit
 def _topk_key(v, l):
     """Packed int64 key: order-preserving int32 image of the fp32 value v (high 32 bits) and
@@ -161,46 +144,85 @@ def _gcr_logits_kernel(
 
 
 @triton.jit
-def _gcr_forward_kernel(
-    a_ptr, h_ptr, e_ptr, m_ptr, idx_ptr, p_ptr, att_ptr,
-    K, L, D, k,
-    s_hb, s_hk, s_hd,
-    s_eb, s_el, s_ed,
-    s_mb, s_mk, s_md,
-    KPAD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-    PUBLISHED: tl.constexpr, CDT: tl.constexpr,
+def _gcr_topk_kernel(
+    a_ptr, idx_ptr, p_ptr,
+    K, L, k,
+    KPAD: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """One class row (b, i): top-k of A[b, i, :], then p, g, s, a and M (module docstring).
+    """Top-k of one logits row A[b, i, :] (pid = b K + i) and p = softmax of the k values.
 
-    Top-k: a running set of KPAD packed keys; each tile of BLOCK_L logits is reduced to its
-    best KPAD (bitonic top-k) and merged with the running set (top-k of the 2 KPAD union).
-    Entries j >= k of the running set are masked out (p = a = 0, idx = 0, never stored).
-    Aggregation: pass 1 over D chunks reduces S_j, G_j (or <Nb_j, g_j>) for the gathered
-    [KPAD, BLOCK_D] tile of neighbour rows; a = softmax(s); pass 2 re-gathers the rows and
-    writes M_i = sum_j a_j Nb_j. Saved: idx, p, a at [(b K + i) k + j]."""
-    pid = tl.program_id(0)
-    b = (pid // K).to(tl.int64)
-    i = (pid % K).to(tl.int64)
-    a_row = a_ptr + (b * K + i) * L
+    Selection over packed int64 keys (`_topk_key`; unique, so each step removes exactly one):
+    the first tile of BLOCK_L logits gives the k largest by k max-reductions; each later tile
+    is merged with the running set the same way over their union, and skipped when its best
+    key is below the running k-th (most tiles, once the set has settled). Entries j >= k of
+    the KPAD-wide set are padding. Writes idx (int32, largest logit first; on equal logits the
+    lower node index first) and p at [(b K + i) k + j]. Run with one warp: the reductions
+    then stay within a warp."""
+    pid = tl.program_id(0).to(tl.int64)
+    a_row = a_ptr + pid * L
+    jj = tl.arange(0, KPAD)
+    valid = jj < k
 
-    # ---- running top-k over the L logits of this row
+    # first tile: select from its candidates alone
+    ll = tl.arange(0, BLOCK_L)
+    l_ok = ll < L
+    v = tl.load(a_row + ll, mask=l_ok, other=0.0).to(tl.float32)
+    cand = tl.where(l_ok, _topk_key(v, ll), _NEG_KEY)
     run = tl.full([KPAD], _NEG_KEY, tl.int64)
-    for l0 in range(0, L, BLOCK_L):
+    for t in range(0, k):
+        best = tl.max(cand, axis=0)
+        run = tl.where(jj == t, best, run)
+        cand = tl.where(cand == best, _NEG_KEY, cand)
+    # later tiles: merge
+    for l0 in range(BLOCK_L, L, BLOCK_L):
         ll = l0 + tl.arange(0, BLOCK_L)
         l_ok = ll < L
         v = tl.load(a_row + ll, mask=l_ok, other=0.0).to(tl.float32)
-        key = tl.where(l_ok, _topk_key(v, ll), _NEG_KEY)
-        if BLOCK_L > KPAD:
-            key = _topk_desc(key, KPAD)
-        run = _topk_desc(tl.reshape(tl.join(run, key), [2 * KPAD]), KPAD)
+        cand = tl.where(l_ok, _topk_key(v, ll), _NEG_KEY)
+        kth = tl.min(tl.where(valid, run, _MAX_KEY), axis=0)
+        if tl.max(cand, axis=0) > kth:  # else nothing in this tile enters the top-k
+            new = tl.full([KPAD], _NEG_KEY, tl.int64)
+            for t in range(0, k):  # the t-th largest of run U cand
+                best = tl.maximum(tl.max(run, axis=0), tl.max(cand, axis=0))
+                new = tl.where(jj == t, best, new)
+                run = tl.where(run == best, _NEG_KEY, run)
+                cand = tl.where(cand == best, _NEG_KEY, cand)
+            run = new
 
-    jj = tl.arange(0, KPAD)
-    valid = jj < k
     idx = tl.where(valid, (4294967295 - (run & 4294967295)).to(tl.int32), 0)
     w = tl.load(a_row + idx, mask=valid, other=0.0)  # the exact logits (compute dtype)
     w = tl.where(valid, w, float("-inf"))
     p = tl.exp(w - tl.max(w, axis=0))
     p = p / tl.sum(p, axis=0)
+    e_off = pid * k + jj
+    tl.store(idx_ptr + e_off, idx, mask=valid)
+    tl.store(p_ptr + e_off, p, mask=valid)
+
+
+@triton.jit
+def _gcr_aggregate_kernel(
+    h_ptr, e_ptr, m_ptr, idx_ptr, p_ptr, att_ptr,
+    K, D, k,
+    s_hb, s_hk, s_hd,
+    s_eb, s_el, s_ed,
+    s_mb, s_mk, s_md,
+    KPAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    PUBLISHED: tl.constexpr, CDT: tl.constexpr,
+):
+    """One class row (b, i), given its top-k idx and p: g, s, a and M (module docstring).
+
+    Pass 1 over D chunks reduces S_j, G_j (or <Nb_j, g_j>) for the gathered [KPAD, BLOCK_D]
+    tile of neighbour rows; a = softmax(s); pass 2 re-gathers the rows and writes
+    M_i = sum_j a_j Nb_j. Entries j >= k are padding (p = a = 0, never stored). Writes a at
+    [(b K + i) k + j] for the backward."""
+    pid = tl.program_id(0)
+    b = (pid // K).to(tl.int64)
+    i = (pid % K).to(tl.int64)
+    jj = tl.arange(0, KPAD)
+    valid = jj < k
+    e_off = (b * K + i) * k + jj
+    idx = tl.load(idx_ptr + e_off, mask=valid, other=0)
+    p = tl.load(p_ptr + e_off, mask=valid, other=0.0)
 
     # ---- pass 1: scores
     h_row = h_ptr + b * s_hb + i * s_hk
@@ -238,9 +260,6 @@ def _gcr_forward_kernel(
         mv = tl.sum(att_col * nb, axis=0)
         tl.store(m_row + dd.to(tl.int64) * s_md, mv.to(m_ptr.dtype.element_ty), mask=d_ok)
 
-    e_off = (b * K + i) * k + jj
-    tl.store(idx_ptr + e_off, idx, mask=valid)
-    tl.store(p_ptr + e_off, p, mask=valid)
     tl.store(att_ptr + e_off, att, mask=valid)
 
 
@@ -477,11 +496,17 @@ def _forward(h: torch.Tensor, e: torch.Tensor, k: int, score: str):
             UPCAST=upcast, PRECISION=precision, CDT=_tl_dtype(h.dtype),
             num_warps=4,
         )
-        _gcr_forward_kernel[(bsz * ncls,)](
-            logits, h, e, m, idx, p, att,
-            ncls, nodes, d, k,
+        _gcr_topk_kernel[(bsz * ncls,)](
+            logits, idx, p,
+            ncls, nodes, k,
+            KPAD=kpad, BLOCK_L=block_l,
+            num_warps=1,
+        )
+        _gcr_aggregate_kernel[(bsz * ncls,)](
+            h, e, m, idx, p, att,
+            ncls, d, k,
             *h.stride(), *e.stride(), *m.stride(),
-            KPAD=kpad, BLOCK_L=block_l, BLOCK_D=block_d,
+            KPAD=kpad, BLOCK_D=block_d,
             PUBLISHED=score == "published", CDT=_tl_dtype(h.dtype),
             num_warps=4,
         )

@@ -88,7 +88,7 @@ def _par_affinity_kernel(
     soft = e / tl.sum(e, axis=0)[None, :]
     pos = tl.load(pos_ptr + offs_j, mask=mask_j, other=0.0)
     aff = soft + pos[:, None]
-    out = aff_ptr + b * J * hw + offs_j[:, None] * hw + offs_p[None, :]
+    out = aff_ptr + b * J * hw + offs_j.to(tl.int64)[:, None] * hw + offs_p[None, :]
     tl.store(out, aff, mask=mask2)
 
 
@@ -119,14 +119,15 @@ def _par_step_kernel(
     mask_c = offs_c < C
     mask2 = mask_c[:, None] & mask_p[None, :]
     src = src_ptr + b * s_b + offs_c.to(tl.int64)[:, None] * s_c  # BLOCK_C x 1 pointers
-    aff = aff_ptr + b * J * hw + offs_p
+    aff = aff_ptr + b * J * hw + offs_p  # advanced by HW per neighbour (64-bit pointers)
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
     for j in range(J):
         dy = tl.load(dy_ptr + j)
         dx = tl.load(dx_ptr + j)
         nrow = tl.minimum(tl.maximum(row + dy, 0), H - 1)
         ncol = tl.minimum(tl.maximum(col + dx, 0), W - 1)
-        a = tl.load(aff + j * hw, mask=mask_p, other=0.0)
+        a = tl.load(aff, mask=mask_p, other=0.0)
+        aff += hw
         m = tl.load(src + (nrow.to(tl.int64) * s_h + ncol.to(tl.int64) * s_w)[None, :], mask=mask2, other=0.0)
         acc += a[None, :] * m.to(tl.float32)
     dst = dst_ptr + b * C * hw + offs_c.to(tl.int64)[:, None] * hw + offs_p[None, :]

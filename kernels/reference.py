@@ -162,7 +162,7 @@ def _neighbours(x: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Te
     for dy, dx in offsets:
         r = (rows + dy).clamp(0, height - 1)
         c = (cols + dx).clamp(0, width - 1)
-        out.append(x[..., r, :][..., c])
+        out.append(x.index_select(-2, r).index_select(-1, c))
     return torch.stack(out, dim=2)
 
 

@@ -1,15 +1,68 @@
-"""Weights in and out: timm ViT initialization (SPEC 1) and published MoRe checkpoints (SPEC 8)."""
+"""Weights in and out: timm ViT initialization (SPEC 1), project checkpoints -> MoReNet (`load_model`).
+
+Three kinds of files meet here:
+- a timm ViT checkpoint (`.pth`/`.pt`/`.bin` or `.safetensors`), the `--pretrained` backbone;
+- a checkpoint this project writes: a training checkpoint (Trainer.save: {"model", "model_config",
+  "optimizer", ...}) or a converted published one (scripts/convert_checkpoint.py: {"model",
+  "model_config", ...}); `load_model` turns either into a MoReNet in eval mode;
+- a published MoRe checkpoint (SPEC 8), which `load_model` also accepts, converting it in memory
+  (more_fast.convert; converting once with scripts/convert_checkpoint.py saves that work).
+"""
 from __future__ import annotations
 
+import importlib
+import inspect
 import pathlib
+import pickle
+import warnings
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+WRAPPER_KEYS = ("model", "state_dict", "model_state")
+STRIP_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+
+
+def strip_prefixes(state: dict) -> dict:
+    """Keys without a leading 'module.' (DDP) or '_orig_mod.' (torch.compile), however nested."""
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in STRIP_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def torch_load(path: str | pathlib.Path, map_location: Any = "cpu") -> Any:
+    """torch.load with weights_only=True. Training checkpoints also hold NumPy RNG states; those
+    NumPy types (and only those) are allowed. Anything else is refused rather than unpickled."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        foreign = [name for name in names if not name.startswith("numpy")]
+        if foreign or not names:
+            raise ValueError(f"{path}: holds Python objects other than tensors and NumPy arrays "
+                             f"({foreign or err}); refusing to unpickle it") from None
+        allowed = [_resolve_global(name) for name in names]
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _resolve_global(name: str):
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
 
 def read_state_dict(path: str | pathlib.Path) -> dict:
-    """A state dict from a .pth/.pt/.bin (torch) or .safetensors file; unwraps 'model'/'state_dict'."""
+    """A state dict from a .pth/.pt/.bin (torch) or .safetensors file; unwraps 'model'/'state_dict'
+    and strips a 'module.' prefix."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained: no such file {path}")
@@ -18,13 +71,13 @@ def read_state_dict(path: str | pathlib.Path) -> dict:
 
         state = load_file(str(path))
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict", "model_state"):
+        state = torch_load(path)
+    for key in WRAPPER_KEYS:
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"pretrained: {path} does not hold a state dict")
-    return state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"pretrained: {path} does not hold a state dict (name -> tensor)")
+    return strip_prefixes(state)
 
 
 def _resize_patch_pos(patch_pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -44,22 +97,38 @@ def _resize_patch_pos(patch_pos: torch.Tensor, grid: tuple[int, int]) -> torch.T
 def init_from_timm_state(backbone: nn.Module, state: dict) -> list[str]:
     """Initialize a MoReBackbone from a timm ViT state dict (SPEC 1).
 
-    All R + K tokens and their position embeddings start from the single class token; the R
-    register position embeddings are re-drawn from a truncated normal; the patch position
-    embeddings are kept (resized only if the checkpoint's grid differs from the backbone's).
-    Returns the checkpoint keys that were not used (the classification head, for instance).
+    All R + K tokens start as copies of the single class token, and their position embeddings as
+    copies of the class token's; the R register position embeddings are then re-drawn from a
+    truncated normal (std 0.02). The patch position embeddings are kept (resized bicubically
+    only if the checkpoint's grid differs from the backbone's). A checkpoint whose pos_embed has
+    no class-token entry (timm `no_embed_class` models) gives the class tokens zero position
+    embeddings, which is what such a model adds to its class token. Blocks, patch embedding and
+    final norm are copied as they are. Returns the checkpoint keys that were not used (the
+    classification head, for instance). Raises ValueError naming the problem for a checkpoint
+    that is not a matching timm ViT (missing tensors, another width, another patch size).
     """
+    state = strip_prefixes(state)
     if "cls_token" not in state or "pos_embed" not in state:
-        raise ValueError("pretrained: expected a timm ViT state dict with 'cls_token' and 'pos_embed'")
+        hint = ""
+        if any(key.startswith("encoder.") for key in state):
+            hint = (" (this looks like a MoRe checkpoint, backbone under 'encoder.': load it with "
+                    "more_fast.load_model, or convert a published one with scripts/convert_checkpoint.py)")
+        raise ValueError("pretrained: expected a timm ViT state dict with 'cls_token' and 'pos_embed'" + hint)
     d = backbone.embed_dim
-    cls = state["cls_token"]
-    if cls.shape[-1] != d:
-        raise ValueError(f"pretrained: cls_token has width {cls.shape[-1]}, the backbone {d}")
+    cls, pos = state["cls_token"], state["pos_embed"]
+    if cls.dim() != 3 or cls.shape[0] != 1 or cls.shape[-1] != d:
+        raise ValueError(f"pretrained: cls_token has shape {tuple(cls.shape)}; the backbone "
+                         f"{backbone.name} expects 1 x 1 x {d} (width {d})")
+    if pos.dim() != 3 or pos.shape[0] != 1 or pos.shape[-1] != d:
+        raise ValueError(f"pretrained: pos_embed has shape {tuple(pos.shape)}; the backbone "
+                         f"{backbone.name} expects 1 x T x {d} (width {d})")
     r, k = backbone.num_registers, backbone.num_classes
-    pos = state["pos_embed"]
     num_prefix = pos.shape[1] - _square_part(pos.shape[1])
     backbone.cls_token.copy_(cls[:, :1].expand(1, r + k, d))
-    prefix_pos = pos[:, :1].expand(1, r + k, d).clone()
+    if num_prefix > 0:
+        prefix_pos = pos[:, :1].expand(1, r + k, d).clone()
+    else:  # no_embed_class: the class token gets no position embedding
+        prefix_pos = pos.new_zeros(1, r + k, d)
     nn.init.trunc_normal_(prefix_pos[:, :r], std=0.02)
     patch_pos = _resize_patch_pos(pos[:, num_prefix:], backbone.pos_grid)
     backbone.pos_embed.copy_(torch.cat([prefix_pos, patch_pos], dim=1))
@@ -67,10 +136,12 @@ def init_from_timm_state(backbone: nn.Module, state: dict) -> list[str]:
     rest = {key: val for key, val in state.items() if key in own and key not in ("cls_token", "pos_embed")}
     missing = [key for key in own if key not in rest and key not in ("cls_token", "pos_embed")]
     if missing:
-        raise ValueError(f"pretrained: the checkpoint lacks {len(missing)} backbone tensors, e.g. {missing[:3]}")
+        raise ValueError(f"pretrained: the checkpoint lacks {len(missing)} of the {len(own) - 2} backbone "
+                         f"tensors of {backbone.name}, e.g. {missing[:3]}")
     for key, val in rest.items():
         if own[key].shape != val.shape:
-            raise ValueError(f"pretrained: {key} has shape {tuple(val.shape)}, the backbone {tuple(own[key].shape)}")
+            raise ValueError(f"pretrained: {key} has shape {tuple(val.shape)}, the backbone "
+                             f"{backbone.name} {tuple(own[key].shape)}")
     backbone.load_state_dict({**own, **rest}, strict=True)
     return sorted(key for key in state if key not in rest and key not in ("cls_token", "pos_embed"))
 
@@ -81,3 +152,56 @@ def _square_part(n: int) -> int:
     while side * side > n:
         side -= 1
     return side * side
+
+
+# --------------------------------------------------------------------------- project checkpoints
+def model_from_config(config: dict):
+    """A MoReNet from a `model_config` dict (MoReNet.config); unknown keys are dropped with a warning."""
+    from .model.network import MoReNet
+
+    accepted = set(inspect.signature(MoReNet.__init__).parameters) - {"self"}
+    unknown = sorted(set(config) - accepted)
+    if unknown:
+        warnings.warn(f"model_config: ignoring keys this version of MoReNet does not take: {unknown}")
+    return MoReNet(**{key: value for key, value in config.items() if key in accepted})
+
+
+def load_model(path: str | pathlib.Path, map_location: Any = "cpu"):
+    """A MoReNet in eval mode from a checkpoint file: a training checkpoint (Trainer.save), a
+    converted published checkpoint (scripts/convert_checkpoint.py), both {"model", "model_config"},
+    or a published MoRe checkpoint (SPEC 8, converted here in memory).
+
+    map_location: where the weights go ("cpu", "cuda", "cuda:1", a torch.device, ...).
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: no such file {path}")
+    obj = read_state_dict(path) if path.suffix == ".safetensors" else torch_load(path, map_location="cpu")
+    if isinstance(obj, dict) and "model" in obj and "model_config" in obj:
+        state, config = obj["model"], dict(obj["model_config"])
+        if not isinstance(state, dict):
+            raise ValueError(f"checkpoint: {path} has a 'model' entry that is not a state dict")
+        state = strip_prefixes(state)
+    elif isinstance(obj, dict):
+        from .convert import convert_state_dict
+
+        try:
+            state, config, _ = convert_state_dict(obj)
+        except ValueError as err:
+            raise ValueError(f"checkpoint: {path} is neither a more_fast checkpoint ({{'model', "
+                             f"'model_config'}}) nor a published MoRe checkpoint: {err}") from None
+    else:
+        raise ValueError(f"checkpoint: {path} does not hold a dict (got {type(obj).__name__})")
+    model = model_from_config(config)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes that do not match the config
+        raise ValueError(f"checkpoint: {path} does not match MoReNet({config}): {err}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"checkpoint: {path} does not match MoReNet({config}): missing "
+                         f"{result.missing_keys[:5]}{'...' if len(result.missing_keys) > 5 else ''}, "
+                         f"unexpected {result.unexpected_keys[:5]}"
+                         f"{'...' if len(result.unexpected_keys) > 5 else ''}")
+    if isinstance(map_location, (str, torch.device)):
+        model.to(torch.device(map_location))
+    return model.eval()

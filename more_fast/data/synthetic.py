@@ -70,18 +70,18 @@ def _triangle(u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 def _ring(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     r2 = u * u + v * v
-    return (r2 <= 1.0) & (r2 >= 0.5**2)
+    return (r2 <= 1.0) & (r2 >= 0.4**2)
 
 
 def _cross(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     au, av = np.abs(u), np.abs(v)
-    return ((au <= 0.3) & (av <= 1.0)) | ((av <= 0.3) & (au <= 1.0))
+    return ((au <= 0.36) & (av <= 1.0)) | ((av <= 0.36) & (au <= 1.0))
 
 
 def _star(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     turns = (np.arctan2(v, u) / (2 * np.pi) * 5) % 1.0
-    tip = 1.0 - 2.0 * np.abs(turns - 0.5)  # 1 at the five tips, 0 between them
-    return np.sqrt(u * u + v * v) <= 0.45 + 0.6 * (1.0 - tip)
+    point = 2.0 * np.abs(turns - 0.5)  # 1 at the five points, 0 halfway between them
+    return np.sqrt(u * u + v * v) <= 0.55 + 0.5 * point
 
 
 def _stripes(u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:

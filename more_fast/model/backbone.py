@@ -95,6 +95,8 @@ class MoReBackbone(nn.Module):
         self.patch_embed = vit.patch_embed
         self.patch_embed.strict_img_size = False
         self.blocks = vit.blocks
+        for block in self.blocks:  # timm's own switch between SDPA and explicit attention
+            block.attn.fused_attn = attn_impl == "sdpa"
         self.norm = vit.norm
         grid = vit.patch_embed.grid_size
         self.pos_grid = (int(grid[0]), int(grid[1]))
@@ -153,7 +155,7 @@ class MoReBackbone(nn.Module):
                 cpa = kernels.class_patch_attention(q.detach(), k.detach(), self.num_registers,
                                                     self.num_classes, attn_reduce)
             else:
-                tokens, _, _ = _block_forward(block, tokens, self.attn_impl)
+                tokens = block(tokens)
             if i == self.aux_layer:
                 aux = tokens[:, self.num_prefix:]
         tokens = self.norm(tokens)

@@ -194,7 +194,10 @@ class Trainer:
         self.device = pick_device(cfg)
         self.out = pathlib.Path(cfg.out)
         torch.manual_seed(cfg.seed)
-        root = resolve_data_root(cfg)
+        root = resolve_data_root(cfg) if self.is_main else None  # rank 0 alone writes a synthetic set
+        if world > 1:
+            dist.barrier()
+            root = root or resolve_data_root(cfg)
         self.train_set = build_dataset(cfg, root, cfg.train_split, True, cfg.split_list)
         self.val_set = build_dataset(cfg, root, cfg.val_split, False)
         self.model = MoReNet(cfg.backbone, cfg.num_classes, cfg.num_registers, cfg.topk_ratio, cfg.gcr_score,
