@@ -253,8 +253,10 @@ def _affinity_norm_bwd_kernel(
         x = tl.load(x_ptr + base[:, None] + offs_d[None, :].to(tl.int64) * sxd, mask=mask, other=0.0)
         x = x.to(tl.float32)
         g = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-        for s in range(0, SPLIT):
-            g += tl.load(g_ptr + s * split_stride + grow[:, None] + offs_d[None, :], mask=mask, other=0.0)
+        g_ptrs = g_ptr + grow[:, None] + offs_d[None, :]
+        for _ in range(0, SPLIT):
+            g += tl.load(g_ptrs, mask=mask, other=0.0)
+            g_ptrs += split_stride
         ss += tl.sum(x * x, axis=1)
         xg += tl.sum(x * g, axis=1)
     norm = tl.sqrt(ss)
@@ -266,8 +268,10 @@ def _affinity_norm_bwd_kernel(
         x = tl.load(x_ptr + base[:, None] + offs_d[None, :].to(tl.int64) * sxd, mask=mask, other=0.0)
         x = x.to(tl.float32)
         g = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-        for s in range(0, SPLIT):
-            g += tl.load(g_ptr + s * split_stride + grow[:, None] + offs_d[None, :], mask=mask, other=0.0)
+        g_ptrs = g_ptr + grow[:, None] + offs_d[None, :]
+        for _ in range(0, SPLIT):
+            g += tl.load(g_ptrs, mask=mask, other=0.0)
+            g_ptrs += split_stride
         dx = rn[:, None] * g - proj[:, None] * x
         tl.store(dx_ptr + grow[:, None] + offs_d[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 

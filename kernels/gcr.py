@@ -39,21 +39,27 @@ Kernels (no B x K x k x D or B x K x L x D tensor exists, forward or backward):
    with tl.dot over D chunks, written to a B x K x L tensor in the compute dtype (fp32; fp64
    for fp64 inputs). That tensor is small (4 x 80 x 864 fp32 = 1.1 MB at COCO shapes) and lets
    the top-k run per row with full parallelism over the B x K rows.
-2. `_gcr_forward_kernel`, grid (B * K,), one class row per program: the running top-k over
-   L in tiles of BLOCK_L logits (each tile's best KPAD merged with the running KPAD by a
-   bitonic top-k of packed int64 keys, see `_topk_key`), p, then two passes over D chunks of
-   the gathered [KPAD, BLOCK_D] neighbour tile: pass 1 recomputes g and reduces S, G (or
-   <Nb, g>), then a; pass 2 writes M. Saved for the backward: idx (int32), p, a
-   (B x K x k each). The logits tensor is freed after the forward.
-3. `_gcr_backward_rows_kernel`, grid (B * K,): three passes over D chunks per class row
+2. `_gcr_topk_kernel`, grid (B * K,), one warp per class row: the top-k of the row by k
+   max-reductions over packed int64 keys (`_topk_key`), over L in tiles of BLOCK_L logits
+   (a later tile is merged with the running set, or skipped when its best key is below the
+   running k-th); then p = softmax of the k logits. Writes idx (int32) and p, B x K x k.
+3. `_gcr_aggregate_kernel`, grid (B * K,), one class row per program: two passes over D
+   chunks of the gathered [KPAD, BLOCK_D] neighbour tile: pass 1 recomputes g and reduces
+   S, G (or <Nb, g>), then a = softmax(s); pass 2 writes M. Saved for the backward: idx, p, a
+   (B x K x k each). The logits tensor is dropped after the forward.
+4. `_gcr_backward_rows_kernel`, grid (B * K,): three passes over D chunks per class row
    (da, S, G -> ds; du -> dp -> dw; du, dw -> dh), recomputing g each time instead of
    storing it; writes dh and the per-edge scalars ds, dw (and S, G for "published"),
    B x K x k each.
-4. The index map is inverted with a stable torch.sort of the B x (K k) flat indices and a
-   searchsorted for the row offsets (a CSR per image; ordering by flat position i k + j).
-5. `_gcr_backward_nodes_kernel`, grid (B * L,): each program owns one node row e_l and sums
-   the C_ij of its CSR segment in blocks of SEG edges, in CSR order, in registers: the
-   scatter is deterministic (no atomics); rows nobody selected get zeros.
+5. The index map is inverted with a stable torch.sort of the B x (K k) flat indices and a
+   searchsorted for the node offsets (a CSR per image; within a node, edges ascend in their
+   flat position i k + j). Deterministic: a stable sort has one answer.
+6. `_gcr_backward_nodes_kernel`, grid (cdiv(L, ROWS), B): each program owns ROWS node rows
+   and walks their (contiguous) CSR range in chunks of SEG edges; each chunk's [SEG, BLOCK_D]
+   tile of C_ij is summed into its node rows by a one-hot tl.dot in registers. No atomics:
+   the scatter is deterministic; rows nobody selected get zeros.
+Memory beyond the inputs and outputs: the B x K x L logits (forward only), and B x K x k
+scalars (idx, p, a saved; ds, dw, S, G and the CSR in the backward).
 
 Top-k and ties: keys pack the logit (rounded to fp32 for fp64 inputs) into the high 32 bits as
 an order-preserving integer and (2^32 - 1 - l) into the low 32 bits; the k largest keys are the
@@ -76,7 +82,7 @@ gradient; nothing is copied. Offsets are int64.
 """
 from __future__ import annotations
 
-import os
+import contextlib
 
 import torch
 import triton
@@ -313,7 +319,7 @@ def _gcr_backward_rows_kernel(
             g = _tanh(two_minus_p * hv[None, :] + p_col * nb)
             s_nb += tl.sum(nb, axis=1)
             s_g += tl.sum(g, axis=1)
-    ds = att * (da - tl.sum(att * da, axis=0))
+    ds = att * tl.sum(att[None, :] * (da[:, None] - da[None, :]), axis=1)
     ds_col = ds[:, None]
     dgs_col = (ds * s_nb)[:, None]  # published: dG_j = ds_j S_j
 
@@ -332,7 +338,7 @@ def _gcr_backward_rows_kernel(
             du = ds_col * nb * (1.0 - g * g)
         du = tl.where(d_ok[None, :], du, 0.0)
         dp += tl.sum(du * (nb - hv[None, :]), axis=1)
-    dw = p * (dp - tl.sum(p * dp, axis=0))
+    dw = p * tl.sum(p[None, :] * (dp[:, None] - dp[None, :]), axis=1)
     sqrt_d = tl.sqrt(tl.zeros([KPAD], dtype=CDT) + D)
     dwn_col = (dw / sqrt_d)[:, None]
 
@@ -361,43 +367,48 @@ def _gcr_backward_rows_kernel(
 
 @triton.jit
 def _gcr_backward_nodes_kernel(
-    dm_ptr, h_ptr, e_ptr, de_ptr, order_ptr, offsets_ptr,
+    dm_ptr, h_ptr, e_ptr, de_ptr, order_ptr, nodes_ptr, offsets_ptr,
     p_ptr, att_ptr, ds_ptr, dw_ptr, snb_ptr, sg_ptr,
     K, L, D, k,
     s_gb, s_gk, s_gd,
     s_hb, s_hk, s_hd,
     s_eb, s_el, s_ed,
     s_db, s_dl, s_dd,
-    SEG: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr, SEG: tl.constexpr, BLOCK_D: tl.constexpr,
     PUBLISHED: tl.constexpr, CDT: tl.constexpr,
 ):
-    """de for one node row (b, l): the sum of C_ij over the edges (i, j) with idx_ij = l,
+    """de for the node rows l0 .. l0 + ROWS - 1 of image b: row l sums C_ij over the edges
+    (i, j) with idx_ij = l,
 
         C_ij = a_ij dM_i + (dw_ij / sqrt(D)) h_i + p_ij du_ij + (published: ds_ij G_ij 1 ;
                dot: ds_ij g_ij),   du_ij = (published: ds_ij S_ij ; dot: ds_ij e_l) (1 - g_ij^2),
         g_ij = tanh((2 - p_ij) h_i + p_ij e_l).
 
-    The edges come from the CSR of the inverted index map: order[b, offsets[b, l] ..
-    offsets[b, l+1]) are the flat edge ids i k + j, ascending. They are summed in blocks of
-    SEG edges in that order, in registers, by this program only: deterministic."""
-    pid = tl.program_id(0)
-    b = (pid // L).to(tl.int64)
-    l = (pid % L).to(tl.int64)
-    start = tl.load(offsets_ptr + b * (L + 1) + l)
-    end = tl.load(offsets_ptr + b * (L + 1) + l + 1)
-    e_row = e_ptr + b * s_eb + l * s_el
-    de_row = de_ptr + b * s_db + l * s_dl
+    The edges come from the CSR of the inverted index map: positions offsets[b, l0] ..
+    offsets[b, l0 + ROWS] of (order, nodes) hold the flat edge ids i k + j of these rows,
+    grouped by node, ascending within a node. They are processed in chunks of SEG edges; the
+    [SEG, BLOCK_D] tile of C is summed into its rows by a one-hot [ROWS, SEG] tl.dot (exact
+    products, a fixed accumulation order). Only this program writes these rows (zeros where
+    nobody selected the node): deterministic, no atomics."""
+    b = tl.program_id(1).to(tl.int64)
+    r0 = tl.program_id(0) * ROWS
+    rows = r0 + tl.arange(0, ROWS)
+    row_ok = rows < L
+    off_row = offsets_ptr + b * (L + 1)
+    start = tl.load(off_row + r0)
+    end = tl.load(off_row + tl.minimum(r0 + ROWS, L))
     edge_base = b * K * k
+    de_rows = de_ptr + b * s_db + rows.to(tl.int64)[:, None] * s_dl
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         d_ok = dd < D
         ddl = dd.to(tl.int64)
-        ev = tl.load(e_row + ddl * s_ed, mask=d_ok, other=0.0).to(CDT)
-        acc = tl.zeros([BLOCK_D], dtype=CDT)
+        acc = tl.zeros([ROWS, BLOCK_D], dtype=CDT)
         for s0 in range(start, end, SEG):
             pos = s0 + tl.arange(0, SEG)
             s_ok = pos < end
             f = tl.load(order_ptr + edge_base + pos, mask=s_ok, other=0)
+            node = tl.load(nodes_ptr + edge_base + pos, mask=s_ok, other=-1)
             i = f // k
             eid = edge_base + f
             p = tl.load(p_ptr + eid, mask=s_ok, other=0.0)
@@ -406,18 +417,22 @@ def _gcr_backward_nodes_kernel(
             dw = tl.load(dw_ptr + eid, mask=s_ok, other=0.0)
             sqrt_d = tl.sqrt(tl.zeros([SEG], dtype=CDT) + D)
             tile_ok = s_ok[:, None] & d_ok[None, :]
+            ev = tl.load(e_ptr + b * s_eb + node.to(tl.int64)[:, None] * s_el + ddl[None, :] * s_ed,
+                         mask=tile_ok, other=0.0).to(CDT)
             hv = tl.load(h_ptr + b * s_hb + i[:, None] * s_hk + ddl[None, :] * s_hd, mask=tile_ok, other=0.0).to(CDT)
             gv = tl.load(dm_ptr + b * s_gb + i[:, None] * s_gk + ddl[None, :] * s_gd, mask=tile_ok, other=0.0).to(CDT)
-            g = _tanh((2.0 - p)[:, None] * hv + p[:, None] * ev[None, :])
+            g = _tanh((2.0 - p)[:, None] * hv + p[:, None] * ev)
             c = att[:, None] * gv + (dw / sqrt_d)[:, None] * hv
             if PUBLISHED:
                 snb = tl.load(snb_ptr + eid, mask=s_ok, other=0.0)
                 sg = tl.load(sg_ptr + eid, mask=s_ok, other=0.0)
                 c += (ds * sg)[:, None] + (p * ds * snb)[:, None] * (1.0 - g * g)
             else:
-                c += ds[:, None] * g + (p * ds)[:, None] * ev[None, :] * (1.0 - g * g)
-            acc += tl.sum(tl.where(tile_ok, c, 0.0), axis=0)
-        tl.store(de_row + ddl * s_dd, acc.to(de_ptr.dtype.element_ty), mask=d_ok)
+                c += ds[:, None] * g + (p * ds)[:, None] * ev * (1.0 - g * g)
+            c = tl.where(tile_ok, c, 0.0)
+            onehot = tl.where((node[None, :] == rows[:, None]) & s_ok[None, :], 1.0, 0.0).to(CDT)
+            acc = tl.dot(onehot, c, acc=acc, input_precision="ieee", out_dtype=CDT)
+        tl.store(de_rows + ddl[None, :] * s_dd, acc.to(de_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,14 +471,13 @@ def _row_blocks(k: int, d: int, interp: bool) -> tuple[int, int]:
 def _device_guard(t: torch.Tensor):
     if t.device.type == "cuda":
         return torch.cuda.device(t.device)
-    import contextlib
-
     return contextlib.nullcontext()
 
 
-def _forward(h: torch.Tensor, e: torch.Tensor, k: int, score: str):
+def _forward(h: torch.Tensor, e: torch.Tensor, k: int, score: str, block_l: int | None = None):
     """Launch the forward on validated inputs: (M in h's dtype, idx int32, p, a) with
-    idx, p, a of shape B x K x k (p, a in the compute dtype)."""
+    idx, p, a of shape B x K x k (p, a in the compute dtype). block_l (a power of two >= 16)
+    overrides the top-k tile (tests use it to force the multi-tile merge)."""
     bsz, ncls, d = h.shape
     nodes = e.shape[1]
     cdt = _compute_dtype(h.dtype)
@@ -486,7 +500,8 @@ def _forward(h: torch.Tensor, e: torch.Tensor, k: int, score: str):
     block_n = 64 if not interp else 128
     block_k = 32 if not interp else 64
     kpad, block_d = _row_blocks(k, d, interp)
-    block_l = max(kpad, min(triton.next_power_of_2(nodes), 4096 if interp else 1024))
+    if block_l is None:
+        block_l = max(16, min(triton.next_power_of_2(nodes), 4096 if interp else 1024))
     with _device_guard(h):
         _gcr_logits_kernel[(bsz, triton.cdiv(ncls, block_m), triton.cdiv(nodes, block_n))](
             h, e, logits,
@@ -536,8 +551,8 @@ def _backward(grad_m, h, e, idx, p, att, k: int, score: str):
     sorted_nodes, order = torch.sort(flat, dim=1, stable=True)
     bounds = torch.arange(nodes + 1, dtype=flat.dtype, device=h.device).expand(bsz, nodes + 1).contiguous()
     offsets = torch.searchsorted(sorted_nodes, bounds)  # int64, B x (L + 1)
-    seg = 16
-    block_d_nodes = max(16, min(triton.next_power_of_2(d), (16384 if interp else 4096) // seg))
+    rows, seg = (64, 64) if interp else (32, 32)
+    block_d_nodes = max(16, min(triton.next_power_of_2(d), 256 if interp else 64))
     with _device_guard(h):
         _gcr_backward_rows_kernel[(bsz * ncls,)](
             grad_m, h, e, idx, p, att,
@@ -548,12 +563,12 @@ def _backward(grad_m, h, e, idx, p, att, k: int, score: str):
             PUBLISHED=published, CDT=_tl_dtype(h.dtype),
             num_warps=4,
         )
-        _gcr_backward_nodes_kernel[(bsz * nodes,)](
-            grad_m, h, e, de, order, offsets,
+        _gcr_backward_nodes_kernel[(triton.cdiv(nodes, rows), bsz)](
+            grad_m, h, e, de, order, sorted_nodes, offsets,
             p, att, ds, dw, snb, sg,
             ncls, nodes, d, k,
             *grad_m.stride(), *h.stride(), *e.stride(), *de.stride(),
-            SEG=seg, BLOCK_D=block_d_nodes,
+            ROWS=rows, SEG=seg, BLOCK_D=block_d_nodes,
             PUBLISHED=published, CDT=_tl_dtype(h.dtype),
             num_warps=4,
         )

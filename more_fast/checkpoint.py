@@ -50,9 +50,22 @@ def torch_load(path: str | pathlib.Path, map_location: Any = "cpu") -> Any:
         if foreign or not names:
             raise ValueError(f"{path}: holds Python objects other than tensors and NumPy arrays "
                              f"({foreign or err}); refusing to unpickle it") from None
-        allowed = [_resolve_global(name) for name in names]
+        allowed = [_resolve_global(name) for name in names] + _numpy_types()
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _numpy_types() -> list:
+    """NumPy's dtype classes and scalar constructor (an RNG state pickles through them)."""
+    import numpy as np
+
+    codes = "?bBhHiIlLqQefdgFDG"
+    found = [type(np.dtype(code)) for code in codes]
+    try:
+        found.append(_resolve_global("numpy._core.multiarray.scalar"))
+    except (ImportError, AttributeError):
+        found.append(_resolve_global("numpy.core.multiarray.scalar"))
+    return found
 
 
 def _resolve_global(name: str):
@@ -173,6 +186,12 @@ def load_model(path: str | pathlib.Path, map_location: Any = "cpu"):
 
     map_location: where the weights go ("cpu", "cuda", "cuda:1", a torch.device, ...).
     """
+    return load_checkpoint(path, map_location)[0]
+
+
+def load_checkpoint(path: str | pathlib.Path, map_location: Any = "cpu") -> tuple[nn.Module, dict]:
+    """(MoReNet in eval mode, the checkpoint's other entries): a training checkpoint's "config"
+    (the TrainConfig as a dict) and "iteration", for instance; {} for a published checkpoint."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: no such file {path}")
@@ -182,11 +201,13 @@ def load_model(path: str | pathlib.Path, map_location: Any = "cpu"):
         if not isinstance(state, dict):
             raise ValueError(f"checkpoint: {path} has a 'model' entry that is not a state dict")
         state = strip_prefixes(state)
+        meta = {key: value for key, value in obj.items() if key not in ("model", "optimizer", "scheduler", "rng")}
     elif isinstance(obj, dict):
         from .convert import convert_state_dict
 
         try:
             state, config, _ = convert_state_dict(obj)
+            meta = {}
         except ValueError as err:
             raise ValueError(f"checkpoint: {path} is neither a more_fast checkpoint ({{'model', "
                              f"'model_config'}}) nor a published MoRe checkpoint: {err}") from None
@@ -204,4 +225,4 @@ def load_model(path: str | pathlib.Path, map_location: Any = "cpu"):
                          f"{'...' if len(result.unexpected_keys) > 5 else ''}")
     if isinstance(map_location, (str, torch.device)):
         model.to(torch.device(map_location))
-    return model.eval()
+    return model.eval(), meta

@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="data folder in the VOC layout (synthetic: cache folder)")
     p.add_argument("--split-list", help="file listing the training images (overrides ImageSets/Segmentation/<split>.txt)")
     p.add_argument("--backbone", help="timm ViT name (default: vit_tiny_patch16_224; voc/coco: vit_base_patch16_224)")
+    p.add_argument("--depth", type=_positive_int, help="number of ViT blocks (default: the named model's)")
     p.add_argument("--pretrained", help="local timm ViT checkpoint (.pth or .safetensors); nothing is downloaded")
     p.add_argument("--iters", type=_positive_int, help="iterations to run")
     p.add_argument("--schedule-iters", type=_positive_int,
@@ -74,7 +75,7 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     args = parser.parse_args(argv)
     values = dict(RECIPES[args.data])
     values["data"] = args.data
-    for name in ("backbone", "pretrained", "iters", "out", "resume", "seed", "kernels", "workers", "device"):
+    for name in ("backbone", "depth", "pretrained", "iters", "out", "resume", "seed", "kernels", "workers", "device"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     for flag, field in _FLAG_TO_FIELD.items():

@@ -67,16 +67,20 @@ class MoReBackbone(nn.Module):
         aux_layer: index of the block whose output gives the auxiliary patch tokens (-3).
         attn_impl: "sdpa" (fused attention) or "explicit" (the published way).
         img_size: the pretrained grid size in pixels (the position embedding grid).
+        depth: override the number of blocks of the named model (None keeps it).
     """
 
     def __init__(self, name: str = "vit_base_patch16_224", num_classes: int = 20, num_registers: int = 4,
-                 aux_layer: int = -3, attn_impl: str = "sdpa", img_size: Optional[int] = None):
+                 aux_layer: int = -3, attn_impl: str = "sdpa", img_size: Optional[int] = None,
+                 depth: Optional[int] = None):
         super().__init__()
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl: expected one of {ATTN_IMPLS}, got {attn_impl!r}")
         if num_classes < 1:
             raise ValueError(f"num_classes: expected >= 1, got {num_classes}")
         extra = {} if img_size is None else {"img_size": img_size}
+        if depth is not None:  # fewer blocks than the named model: small CPU runs and tests
+            extra["depth"] = depth
         try:
             vit = timm.create_model(name, pretrained=False, num_classes=0, drop_rate=0.0,
                                     drop_path_rate=0.0, **extra)

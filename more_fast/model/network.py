@@ -36,18 +36,20 @@ class MoReNet(nn.Module):
 
     def __init__(self, backbone: str = "vit_base_patch16_224", num_classes: int = 20, num_registers: int = 4,
                  topk_ratio: float = 0.5, gcr_score: str = "published", attn_impl: str = "sdpa",
-                 decoder_bias: bool = False, img_size: Optional[int] = None):
+                 decoder_bias: bool = False, img_size: Optional[int] = None, depth: Optional[int] = None,
+                 decoder_dim: int = 512):
         super().__init__()
         self.config = dict(backbone=backbone, num_classes=num_classes, num_registers=num_registers,
                            topk_ratio=topk_ratio, gcr_score=gcr_score, attn_impl=attn_impl,
-                           decoder_bias=decoder_bias, img_size=img_size)
+                           decoder_bias=decoder_bias, img_size=img_size, depth=depth, decoder_dim=decoder_dim)
         self.num_classes = num_classes
-        self.encoder = MoReBackbone(backbone, num_classes, num_registers, attn_impl=attn_impl, img_size=img_size)
+        self.encoder = MoReBackbone(backbone, num_classes, num_registers, attn_impl=attn_impl, img_size=img_size,
+                                    depth=depth)
         d = self.encoder.embed_dim
         self.classifier = make_classifier(d, num_classes)
         self.aux_classifier = make_classifier(d, num_classes)
         self.graph_layer = GCR(d, topk_ratio=topk_ratio, score=gcr_score)
-        self.decoder = LargeFOV(d, num_classes, bias=decoder_bias)
+        self.decoder = LargeFOV(d, num_classes, hidden=decoder_dim, bias=decoder_bias)
 
     def forward_features(self, x: torch.Tensor, attn_reduce: Optional[str] = None) -> BackboneOutput:
         return self.encoder(x, attn_reduce=attn_reduce)

@@ -23,6 +23,8 @@ class TrainConfig:
     num_registers: int = 4  # R
     topk_ratio: float = 0.5  # GCR k = int(0.5 K)
     gcr_score: str = "published"  # published | dot
+    depth: Optional[int] = None  # blocks of the ViT; None: the named model's (12 for ViT-B/16)
+    decoder_dim: int = 512  # LargeFOV width (published: 512)
     attn_impl: str = "sdpa"  # sdpa (fused attention) | explicit (the published way, for baselines)
     # schedule
     iters: int = 400  # iterations to run (VOC: 20,000)

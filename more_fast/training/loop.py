@@ -133,6 +133,7 @@ class TrainStep:
     def wrap(self, wrapped) -> None:
         """(Re)build the compiled callables around `wrapped` (the model, or its DDP wrapper)."""
         cfg = self.cfg
+        self.ddp = isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
         self.forward = torch.compile(wrapped, fullgraph=True) if cfg.compile else wrapped
         self.features = torch.compile(self.model.forward_features, fullgraph=True) if cfg.compile else None
         self.losses = torch.compile(compute_losses, fullgraph=True) if cfg.compile else compute_losses
@@ -172,6 +173,8 @@ class TrainStep:
             labels = self.make_labels(x, image, out, cls_labels, it, weights)
             total, terms = self.losses(out, cls_labels, labels.ptc, labels.cre, labels.ure_index,
                                        labels.ure_valid, labels.seg, image, weights, cfg.cre_temperature)
+            if self.ddp and "seg" not in weights:  # DDP needs a gradient for every output; the decoder's is 0
+                total = total + 0.0 * out.seg.float().sum()
         if cfg.on_nonfinite == "skip" and not bool(torch.isfinite(total)):  # a sync, only in skip mode
             self.skipped += 1
             self.optimizer.zero_grad(set_to_none=True)
@@ -201,7 +204,7 @@ class Trainer:
         self.train_set = build_dataset(cfg, root, cfg.train_split, True, cfg.split_list)
         self.val_set = build_dataset(cfg, root, cfg.val_split, False)
         self.model = MoReNet(cfg.backbone, cfg.num_classes, cfg.num_registers, cfg.topk_ratio, cfg.gcr_score,
-                             attn_impl=cfg.attn_impl)
+                             attn_impl=cfg.attn_impl, depth=cfg.depth, decoder_dim=cfg.decoder_dim)
         if cfg.pretrained:
             from ..checkpoint import read_state_dict
 
@@ -213,7 +216,7 @@ class Trainer:
         if world > 1:
             wrapped = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True)  # the decoder gets no gradient before L_seg joins
+                find_unused_parameters=False)  # every parameter gets a gradient (TrainStep adds 0 * seg)
         self.trainer = TrainStep(self.model, cfg, self.device, wrapped)
         if cfg.resume:
             self._resume(pathlib.Path(cfg.resume))
@@ -311,7 +314,7 @@ class Trainer:
                                    self.rank, self.world))
         m = self.model.encoder
         flops = step_flops(cfg.crop_size, cfg.batch_size * self.world, m.embed_dim, len(m.blocks),
-                           m.num_prefix, cfg.num_classes, cfg.cam_scales, m.patch_size)
+                           m.num_prefix, cfg.num_classes, cfg.cam_scales, m.patch_size, cfg.decoder_dim)
         peak = peak_flops(self.device)
         results: dict[str, float] = {}
         t_last, it_last, t_start = time.perf_counter(), self.start_iter, time.perf_counter()

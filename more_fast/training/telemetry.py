@@ -20,14 +20,14 @@ def decoder_flops(grid: int, dim: int, num_classes: int, hidden: int = 512) -> f
 
 
 def step_flops(crop: int, batch: int, dim: int, depth: int, num_prefix: int, num_classes: int,
-               scales: Sequence[float], patch: int = 16) -> float:
+               scales: Sequence[float], patch: int = 16, hidden: int = 512) -> float:
     """FLOPs of one training step: forward + backward (3x forward) of the training pass, plus the
     no-grad multi-scale CAM passes ([x, flip x] per scale, only the flip at 1.0, which is reused)."""
     def image_forward(size: int) -> float:
         n = (size // patch) ** 2
         return vit_forward_flops(n + num_prefix, dim, depth)
 
-    train = 3 * batch * (image_forward(crop) + decoder_flops((crop // patch) ** 2, dim, num_classes))
+    train = 3 * batch * (image_forward(crop) + decoder_flops((crop // patch) ** 2, dim, num_classes, hidden))
     cams = 0.0
     for s in scales:
         images = batch if s == 1.0 else 2 * batch

@@ -1,0 +1,185 @@
+"""Evaluation protocols of a trained MoReNet (SPEC 7), used by scripts/evaluate.py and scripts/infer.py.
+
+`train-val`: the validation run during training (more_fast.training.evaluate): images and masks
+resized to crop x crop, the training CAM scales, ground-truth image labels, background 0.45.
+
+`published`: the protocols behind the published numbers, scored at each image's original size:
+- the network input is the image resized (bilinear) to crop x crop (448 for VOC);
+- CAM, aux CAM and LAM: multi-scale + flip maps, scales (1.0, 0.5, 0.75, 1.25, 1.5, 1.75, 2.0)
+  (more_fast.cam.multiscale_maps: max of a map and its flipped twin, ReLU, sum, min-max per class),
+  resized bilinearly to the original size; image labels from the classifier of the scale-1.0
+  pass, sigmoid(logit) > 0.5 (that is logit > 0), the published `cam2seg` choice (its other
+  choice, ground-truth labels, is `image_labels="gt"`); label = argmax over [0.5 | maps of the
+  labelled classes]. An image with no labelled class is all background;
+- decoder: scales (1.0, 1.25, 1.5), each with its flip: the average of the softmax probabilities
+  of the 6 passes, resized to the original size, argmax. (The published script sums the two flips'
+  logits and takes the max over scales; we average probabilities, a proper ensemble whose output
+  is also the CRF's input);
+- optional dense CRF (more_fast.crf, SPEC 7 parameters) on the LAM (scores [1 - max | maps], as
+  published) and on the decoder probabilities.
+"""
+from __future__ import annotations
+
+from concurrent.futures import Executor
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+from . import cam as C
+from .data import normalize
+from .data.labels import read_mask
+from .model.heads import tokens_to_map
+from .training.evaluate import confusion, miou
+
+PUBLISHED_CAM_SCALES = (1.0, 0.5, 0.75, 1.25, 1.5, 1.75, 2.0)
+PUBLISHED_SEG_SCALES = (1.0, 1.25, 1.5)
+PUBLISHED_BKG = 0.5
+IGNORE = 255
+MAP_NAMES = ("cam", "aux_cam", "lam", "decoder")
+
+
+class OriginalSize(Dataset):
+    """The images of a SegmentationDataset at their own size, with their masks (all 255 without)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        ds = self.dataset
+        with Image.open(ds.image_paths[index]) as pil:
+            image = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1).contiguous()
+        if ds.has_masks:
+            mask = torch.from_numpy(read_mask(ds.mask_paths[index]).astype(np.int64))
+        else:
+            mask = torch.full(image.shape[1:], IGNORE, dtype=torch.int64)
+        return {"image": image, "mask": mask, "cls_label": torch.as_tensor(ds.cls_labels[index]),
+                "name": ds.names[index]}
+
+
+def collate_list(batch: list) -> list:
+    return batch
+
+
+def network_input(images: Sequence[torch.Tensor], size: int, device: torch.device) -> torch.Tensor:
+    """uint8 3 x H_i x W_i images -> B x 3 x size x size, normalized, then resized (bilinear) as published."""
+    out = [F.interpolate(normalize(img, device)[None], size=(size, size), mode="bilinear", align_corners=False)
+           for img in images]
+    return torch.cat(out, dim=0)
+
+
+def _patch_round(side: int, patch: int) -> int:
+    return max(patch, round(side / patch) * patch)
+
+
+@torch.no_grad()
+def published_maps(model, x: torch.Tensor, cam_scales: Sequence[float] = PUBLISHED_CAM_SCALES,
+                   seg_scales: Sequence[float] = PUBLISHED_SEG_SCALES, amp_dtype=None) -> dict:
+    """Maps of the published protocols at the input size. x: B x 3 x S x S normalized.
+
+    Returns logits (B x K), cam / aux_cam / lam (B x K x S x S in [0, 1]) and seg_prob
+    (B x (K+1) x S x S, the mean softmax over seg_scales and flips), all float32.
+    """
+    b, _, height, width = x.shape
+    patch = model.encoder.patch_size
+    with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        out = model(x)
+        reuse = model.cams(out) + (C.lam_from_tokens(out.patch_tokens, out.class_tokens, out.grid),)
+        maps = C.multiscale_maps(model, x, cam_scales, reuse=reuse, with_lam=True)
+        prob = torch.zeros(b, model.num_classes + 1, height, width, device=x.device)
+        for scale in seg_scales:
+            xs = x if scale == 1.0 else F.interpolate(
+                x, size=[_patch_round(int(scale * s), patch) for s in (height, width)], mode="bilinear",
+                align_corners=False)
+            feats = model.forward_features(torch.cat([xs, xs.flip(-1)], dim=0))
+            seg = model.decoder(tokens_to_map(feats.patch_tokens, feats.grid)).float()
+            seg = F.interpolate(seg, size=(height, width), mode="bilinear", align_corners=False).softmax(dim=1)
+            prob += seg[:b] + seg[b:].flip(-1)
+    maps = {name: m.float() for name, m in maps.items()}
+    maps["logits"] = out.logits.float()
+    maps["seg_prob"] = prob / (2 * len(seg_scales))
+    return maps
+
+
+def _crf_job(args):
+    from .crf import crf_map_labels, crf_prob_labels
+
+    kind, image, scores, present = args
+    if kind == "map":
+        return crf_map_labels(image, scores, present)
+    return crf_prob_labels(image, scores)
+
+
+@torch.no_grad()
+def evaluate_published(model, loader, device: torch.device, crop_size: int,
+                       cam_scales: Sequence[float] = PUBLISHED_CAM_SCALES,
+                       seg_scales: Sequence[float] = PUBLISHED_SEG_SCALES, bkg: float = PUBLISHED_BKG,
+                       image_labels: str = "classifier", crf: bool = False, amp_dtype=None,
+                       save: Optional[callable] = None, save_map: str = "lam",
+                       executor: Optional[Executor] = None, progress=None) -> dict[str, float]:
+    """mIoU (percent) of cam, aux_cam, lam, decoder (and lam_crf, decoder_crf with `crf`) over a
+    loader of OriginalSize samples (lists of dicts). `save(name, label_map)` receives the chosen
+    prediction (`save_map`, its CRF version when `crf`) of every image, H x W uint8 at the
+    original size. Also returns "images" and "labelled_classes" (mean classes per image)."""
+    if image_labels not in ("classifier", "gt"):
+        raise ValueError(f"image_labels: expected 'classifier' or 'gt', got {image_labels!r}")
+    if crf:
+        from .crf import require_crf
+
+        require_crf()
+    model.eval()
+    k1 = model.num_classes + 1
+    names = MAP_NAMES + (("lam_crf", "decoder_crf") if crf else ()) + ("background",)
+    confs = {name: torch.zeros(k1, k1, dtype=torch.int64) for name in names}
+    count, labelled = 0, 0.0
+    for batch in loader:
+        x = network_input([s["image"] for s in batch], crop_size, device)
+        maps = published_maps(model, x, cam_scales, seg_scales, amp_dtype)
+        if image_labels == "classifier":
+            labels = (maps["logits"] > 0).float()  # sigmoid(logit) > 0.5
+        else:
+            labels = torch.stack([s["cls_label"] for s in batch]).to(device).float()
+        jobs, preds_all = [], []
+        for i, sample in enumerate(batch):
+            size = tuple(sample["mask"].shape)
+            preds = {}
+            resized = {}
+            for name in ("cam", "aux_cam", "lam"):
+                resized[name] = F.interpolate(maps[name][i:i + 1], size=size, mode="bilinear", align_corners=False)
+                preds[name] = C.map_prediction(resized[name], labels[i:i + 1], bkg)[0].cpu()
+            prob = F.interpolate(maps["seg_prob"][i:i + 1], size=size, mode="bilinear", align_corners=False)
+            preds["decoder"] = prob.argmax(dim=1)[0].cpu()
+            if crf:
+                image = sample["image"].permute(1, 2, 0).numpy()
+                present = labels[i].cpu().numpy() > 0
+                jobs.append(("map", image, resized["lam"][0].cpu().numpy(), present))
+                jobs.append(("prob", image, prob[0].cpu().numpy(), None))
+            preds_all.append(preds)
+            labelled += float(labels[i].sum())
+        if crf:
+            results = list(executor.map(_crf_job, jobs)) if executor is not None else [_crf_job(j) for j in jobs]
+            for i, preds in enumerate(preds_all):
+                preds["lam_crf"] = torch.from_numpy(results[2 * i].astype(np.int64))
+                preds["decoder_crf"] = torch.from_numpy(results[2 * i + 1].astype(np.int64))
+        for sample, preds in zip(batch, preds_all):
+            mask = sample["mask"]
+            for name in names[:-1]:
+                confs[name] += confusion(preds[name], mask, k1)
+            confs["background"] += confusion(torch.zeros_like(mask), mask, k1)
+            if save is not None:
+                chosen = preds[f"{save_map}_crf"] if crf and f"{save_map}_crf" in preds else preds[save_map]
+                save(sample["name"], chosen.numpy().astype(np.uint8))
+        count += len(batch)
+        if progress is not None:
+            progress(count)
+    results = {name: 100.0 * miou(conf)[0] for name, conf in confs.items()}
+    results["images"] = count
+    results["labelled_classes"] = labelled / max(count, 1)
+    results["has_ground_truth"] = bool(sum(int(c.sum()) for c in confs.values()) > 0)
+    return results

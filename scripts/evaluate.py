@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Evaluate a MoRe checkpoint: mIoU of CAM, aux CAM, LAM and decoder (SPEC 7).
+
+    python scripts/evaluate.py --checkpoint runs/voc/checkpoints/ckpt_00020000.pt \\
+        --data voc --data-root VOC2012 --split val --protocol published --crf
+
+Protocols (details in more_fast/protocols.py):
+  train-val   the validation of the training loop: crop x crop images and masks, the training
+              CAM scales, ground-truth image labels, background 0.45.
+  published   SPEC 7, scored at the original image size: input resized to crop x crop (448);
+              CAM / aux CAM / LAM from multi-scale + flip maps, scales 1.0 0.5 0.75 1.25 1.5
+              1.75 2.0, image labels from the classifier (sigmoid(logit) > 0.5), background 0.5;
+              decoder from scales 1.0 1.25 1.5 with flips, the mean of the softmax probabilities.
+  both        the two, one after the other.
+--crf adds dense-CRF rows (LAM and decoder, SPEC 7 parameters) to the published protocol. It
+needs the optional package pydensecrf2, installed separately: `pip install pydensecrf2`.
+--save-png DIR writes the chosen prediction (--save-map; its CRF version with --crf) of every
+image as a VOC palette PNG at the original size, DIR/<name>.png. For the VOC test server, put
+them under results/VOC2012/Segmentation/comp6_test_cls/ and archive that folder.
+"""
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+import torch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    doc = __doc__.split("\n\n")
+    p = argparse.ArgumentParser(prog="evaluate.py", description=doc[0],
+                                epilog="\n\n".join(doc[2:]), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a training checkpoint, a converted published one "
+                   "(scripts/convert_checkpoint.py), or a published MoRe checkpoint")
+    p.add_argument("--data", choices=("voc", "coco", "synthetic"), default="synthetic")
+    p.add_argument("--data-root", help="data folder in the VOC layout (synthetic: the cache folder, "
+                   "default data_cache/synthetic, generated when missing)")
+    p.add_argument("--split", default="val", help="split list name (val; VOC also test: no masks, PNGs only)")
+    p.add_argument("--protocol", choices=("train-val", "published", "both"), default="published")
+    p.add_argument("--crf", action="store_true",
+                   help="dense CRF on the published LAM and decoder (needs `pip install pydensecrf2`)")
+    p.add_argument("--crf-workers", type=int, default=0, help="processes for the CRF (0: in this process)")
+    p.add_argument("--save-png", metavar="DIR", help="write the chosen prediction of every image as a VOC palette PNG")
+    p.add_argument("--save-map", choices=("lam", "decoder", "cam", "aux_cam"), default="lam",
+                   help="the prediction --save-png writes (default lam: the published 76.4 protocol)")
+    p.add_argument("--image-labels", choices=("classifier", "gt"), default="classifier",
+                   help="published protocol: image labels of CAM/LAM from the classifier or the ground truth")
+    p.add_argument("--crop-size", type=int, help="network input size (default: the training crop, else 448)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--kernels", choices=("auto", "triton", "reference"), help="fused-op backend")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images (a quick look)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    return p
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def format_rows(title: str, results: dict) -> str:
+    labels = {"cam": "CAM", "aux_cam": "aux CAM", "lam": "LAM", "decoder": "decoder", "lam_crf": "LAM + CRF",
+              "decoder_crf": "decoder + CRF", "background": "all-background"}
+    rows = [title, f"  {'map':<18}{'mIoU':>8}"]
+    rows += [f"  {labels[k]:<18}{results[k]:>8.2f}" for k in labels if k in results]
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.kernels:
+        os.environ["MORE_FAST_KERNELS"] = args.kernels
+    from more_fast.checkpoint import load_checkpoint
+    from more_fast.data import save_label_png
+    from more_fast.protocols import OriginalSize, collate_list, evaluate_published
+    from more_fast.training.config import RECIPES, TrainConfig
+    from more_fast.training.data import build_dataset, eval_loader, resolve_data_root
+    from more_fast.training.evaluate import evaluate
+
+    device = resolve_device(args.device)
+    try:
+        model, meta = load_checkpoint(args.checkpoint, map_location=device)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    k = model.num_classes
+    trained = meta.get("config") or {}
+    values = dict(RECIPES[args.data])
+    if trained.get("data") == args.data:  # the training run's own settings (scales, background, ...)
+        values.update({key: val for key, val in trained.items() if key not in ("out", "resume", "pretrained")})
+    values.update(data=args.data, num_classes=k, batch_size=args.batch_size, workers=args.workers)
+    if args.data_root:
+        values["data_root"] = args.data_root
+    crop = args.crop_size or trained.get("crop_size") or 448
+    if crop % model.encoder.patch_size:
+        print(f"error: --crop-size {crop} is not a multiple of {model.encoder.patch_size}", file=sys.stderr)
+        return 2
+    values["crop_size"] = crop
+    cfg = TrainConfig(**{key: val for key, val in values.items() if key in TrainConfig.__dataclass_fields__})
+    try:
+        root = resolve_data_root(cfg)
+        dataset = build_dataset(cfg, root, args.split, False)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if dataset.num_classes != k:
+        print(f"error: the checkpoint has {k} classes, the {args.data} data set {dataset.num_classes}",
+              file=sys.stderr)
+        return 2
+    if args.limit:
+        dataset.names, dataset.image_paths = dataset.names[:args.limit], dataset.image_paths[:args.limit]
+        dataset.mask_paths, dataset.cls_labels = dataset.mask_paths[:args.limit], dataset.cls_labels[:args.limit]
+    amp = torch.bfloat16 if args.amp and device.type == "cuda" else None
+    print(f"checkpoint {args.checkpoint}: {model.config['backbone']}, K = {k}"
+          + (f", iteration {meta['iteration']}" if "iteration" in meta else "")
+          + f" | {args.data} {args.split}: {len(dataset)} images | device {device} | input {crop} x {crop}")
+    report = {"checkpoint": str(args.checkpoint), "data": args.data, "split": args.split, "crop_size": crop}
+
+    if args.protocol in ("train-val", "both"):
+        t0 = time.perf_counter()
+        results = evaluate(model, eval_loader(dataset, cfg, device), k, device, cfg.cam_scales, cfg.eval_bkg,
+                           amp_dtype=amp)
+        print(format_rows(f"train-val protocol (scales {tuple(cfg.cam_scales)}, ground-truth image labels, "
+                          f"background {cfg.eval_bkg}, at {crop} x {crop}; {time.perf_counter() - t0:.0f} s)", results))
+        report["train-val"] = results
+
+    if args.protocol in ("published", "both"):
+        save = None
+        if args.save_png:
+            folder = pathlib.Path(args.save_png)
+            folder.mkdir(parents=True, exist_ok=True)
+
+            def save(name, label):
+                save_label_png(folder / f"{name}.png", label)
+        loader = torch.utils.data.DataLoader(OriginalSize(dataset), batch_size=args.batch_size, shuffle=False,
+                                             num_workers=args.workers, collate_fn=collate_list)
+        executor = None
+        if args.crf and args.crf_workers > 0:
+            from concurrent.futures import ProcessPoolExecutor
+
+            executor = ProcessPoolExecutor(args.crf_workers)
+        t0 = time.perf_counter()
+        try:
+            results = evaluate_published(model, loader, device, crop, image_labels=args.image_labels, crf=args.crf,
+                                         amp_dtype=amp, save=save, save_map=args.save_map, executor=executor)
+        except RuntimeError as err:
+            if "pydensecrf" in str(err):
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+            raise
+        finally:
+            if executor is not None:
+                executor.shutdown()
+        title = (f"published protocol (image labels: {args.image_labels}, {results['labelled_classes']:.2f} "
+                 f"classes per image; at the original size; {time.perf_counter() - t0:.0f} s)")
+        if results["has_ground_truth"]:
+            print(format_rows(title, results))
+        else:
+            print(f"{title}: the {args.split} split has no ground-truth masks; no mIoU")
+        if args.save_png:
+            print(f"wrote {results['images']} PNGs ({args.save_map}{' + CRF' if args.crf and args.save_map in ('lam', 'decoder') else ''}) to {args.save_png}")
+        report["published"] = results
+
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

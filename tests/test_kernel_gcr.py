@@ -1,0 +1,241 @@
+"""kernels.gcr (Triton, under the interpreter here) against kernels.reference.gcr_aggregate.
+
+The oracle is the reference run in float64 on upcast copies of the same inputs; values and
+both input gradients (h and e) are compared by ||fused - ref|| / ||ref||: <= 1e-5 for fp32
+inputs, <= 1e-2 for fp16 (and bf16 on the interpreter, where the kernels upcast bf16 before
+tl.dot: bf16 keeps 8 bits, so its bound is 2e-2), <= 1e-12 for fp64 inputs (the kernels then
+compute in fp64, which checks the hand-derived gradient to rounding).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kernels
+from kernels import gcr, reference
+
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+SCORES = ("published", "dot")
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _inputs(b, ncls, n, d, dtype, device="cpu", seed=0):
+    """Fresh random h (B x K x D), e (B x (K+N) x D) and an upstream gradient for M.
+
+    Scale 0.5 / D^(1/4) keeps the scores s at |s| <~ 30 and the score softmax a away from
+    one-hot. That matters for fp32: a = softmax(s) turns the rounding of s (~1e-7 |s|) into a
+    relative error of a, and dh is made of the small entries of a, so fp32 gradients carry
+    ~1e-7 max|s| relative error whatever the implementation (at scale 1.2, |s| ~ 170 in the
+    "published" mode: the kernels' dh is off by ~2e-5 there, the reference's own fp32
+    autograd by ~1e-4)."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = 0.5 / d ** 0.25
+    h = (torch.randn(b, ncls, d, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    e = (torch.randn(b, ncls + n, d, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    gm = torch.randn(b, ncls, d, generator=gen, dtype=torch.float64).to(dtype)
+    return h.to(device), e.to(device), gm.to(device)
+
+
+def _reference(h, e, gm, k, score):
+    h64 = h.detach().double().requires_grad_()
+    e64 = e.detach().double().requires_grad_()
+    m = reference.gcr_aggregate(h64, e64, k, score)
+    dh, de = torch.autograd.grad(m, (h64, e64), gm.double())
+    return m, dh, de
+
+
+def _fused(h, e, gm, k, score):
+    h = h.detach().clone().requires_grad_()
+    e = e.detach().clone().requires_grad_()
+    m = gcr.gcr_aggregate(h, e, k, score)
+    dh, de = torch.autograd.grad(m, (h, e), gm)
+    return m, dh, de
+
+
+def _check(b, ncls, n, d, k, score, dtype, device="cpu"):
+    h, e, gm = _inputs(b, ncls, n, d, dtype, device)
+    m, dh, de = _fused(h, e, gm, k, score)
+    assert m.dtype == dtype and dh.dtype == dtype and de.dtype == dtype
+    assert m.shape == h.shape and dh.shape == h.shape and de.shape == e.shape
+    m_ref, dh_ref, de_ref = _reference(h, e, gm, k, score)
+    tol = TOL[dtype]
+    errs = {"M": _rel(m, m_ref), "dh": _rel(dh, dh_ref), "de": _rel(de, de_ref)}
+    assert all(v <= tol for v in errs.values()), errs
+    return errs
+
+
+# (B, K, N, D, k): base; k = 1 is separate (its dh is exactly zero); k = K + N; K = 1;
+# odd sizes with K > 16 (two logits row blocks); k = 40 with D = 300 (several D chunks in
+# every kernel).
+SHAPES = [
+    (2, 3, 13, 20, 4),
+    (1, 3, 13, 20, 16),
+    (2, 1, 13, 20, 5),
+    (2, 17, 150, 45, 9),
+    (1, 6, 40, 300, 40),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("score", SCORES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}K{}N{}D{}k{}".format(*s))
+def test_matches_reference(shape, score, dtype):
+    _check(*shape, score, dtype)
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_fp64_gradient_to_rounding(score):
+    """fp64 inputs run the kernels in fp64: the hand-derived backward equals autograd."""
+    _check(2, 5, 27, 24, 7, score, torch.float64)
+    _check(1, 17, 30, 37, 47, score, torch.float64)  # k = K + N
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_bf16_interpreter(score):
+    _check(2, 5, 27, 24, 7, score, torch.bfloat16)
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_k1_selects_the_best_node(score):
+    """k = 1: M is the best node's row, and h gets no gradient (both softmaxes are constant)."""
+    h, e, gm = _inputs(2, 3, 13, 20, torch.float32)
+    m, dh, de = _fused(h, e, gm, 1, score)
+    m_ref, _, de_ref = _reference(h, e, gm, 1, score)
+    best = (h.double() @ e.double().transpose(1, 2)).argmax(-1)
+    assert torch.equal(m, e[torch.arange(2)[:, None], best])
+    assert _rel(m, m_ref) == 0.0
+    assert torch.equal(dh, torch.zeros_like(dh))
+    assert _rel(de, de_ref) <= 1e-6
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_coco_shape(score):
+    """K = 80, N = 784, k = 40 (COCO), small D: many edges per node, several CSR chunks."""
+    _check(1, 80, 784, 32, 40, score, torch.float32)
+
+
+def test_voc_shape_full_width():
+    """K = 20, N = 784, D = 768, k = 10 (VOC)."""
+    _check(1, 20, 784, 768, 10, "published", torch.float32)
+
+
+def test_topk_matches_torch_and_multi_tile_merge():
+    """The saved indices are torch.topk's on distinct logits, with one tile or many."""
+    h, e, _ = _inputs(2, 5, 200, 16, torch.float32)
+    k = 23
+    ref_idx = (h.double() @ e.double().transpose(1, 2)).topk(k, dim=-1).indices
+    m_ref = reference.gcr_aggregate(h.double(), e.double(), k, "dot")
+    for block_l in (None, 16, 64):  # one tile of 256; 13 tiles (< k each); 4 tiles
+        m, idx, p, a = gcr._forward(h, e, k, "dot", block_l=block_l)
+        assert torch.equal(idx.long(), ref_idx), block_l  # same order too: largest first
+        assert _rel(m, m_ref) <= 1e-5
+        assert torch.allclose(p.sum(-1), torch.ones(2, 5)) and torch.allclose(a.sum(-1), torch.ones(2, 5))
+
+
+def test_ties_pick_the_lower_index():
+    """Equal logits (duplicated node rows): the lower node index is taken first."""
+    h, e, _ = _inputs(1, 2, 10, 8, torch.float32)
+    e[0, 7] = e[0, 3]
+    e[0, 9] = e[0, 3]
+    h[0, 0] = e[0, 3]  # node 3 (and its copies 7, 9) are the best for class row 0
+    _, idx, _, _ = gcr._forward(h, e, 2, "published")
+    assert idx[0, 0].tolist() == [3, 7]
+
+
+def test_strided_inputs_and_gradient():
+    """Non-contiguous h, e and an expanded (stride-0) upstream gradient: nothing is copied."""
+    b, ncls, n, d, k = 2, 4, 21, 24, 6
+    h0, e0, _ = _inputs(b, ncls, n, d, torch.float32)
+    h_big = torch.randn(b, d, ncls).transpose(1, 2)  # B x K x D, strides (., 1, K)
+    h_big.copy_(h0)
+    e_big = torch.randn(b, ncls + n, 2 * d)
+    e_big[..., ::2] = e0
+    e_view = e_big[..., ::2]  # stride 2 along D
+    gm = torch.randn(1, 1, d).expand(b, ncls, d)
+    m, dh, de = _fused(h_big, e_view, gm, k, "published")
+    m_ref, dh_ref, de_ref = _reference(h0, e0, gm, k, "published")
+    assert max(_rel(m, m_ref), _rel(dh, dh_ref), _rel(de, de_ref)) <= 1e-5
+
+
+def test_backward_writes_every_row_and_is_repeatable():
+    """Unselected nodes get exact zeros (the output starts uninitialized); two runs agree
+    bit for bit."""
+    h, e, gm = _inputs(2, 3, 60, 20, torch.float32)
+    k = 4
+    _, idx, _, _ = gcr._forward(h, e, k, "dot")
+    _, _, de1 = _fused(h, e, gm, k, "dot")
+    _, _, de2 = _fused(h, e, gm, k, "dot")
+    assert torch.equal(de1, de2)
+    selected = torch.zeros(2, 63, dtype=torch.bool)
+    selected[torch.arange(2)[:, None], idx.reshape(2, -1).long()] = True
+    assert torch.equal(de1[~selected], torch.zeros_like(de1[~selected]))
+    assert (de1[selected].abs().sum(-1) > 0).all()
+
+
+def test_public_dispatch(monkeypatch):
+    monkeypatch.setenv("MORE_FAST_KERNELS", "triton")
+    assert kernels.resolve_backend("gcr_aggregate", torch.device("cpu")) == "triton"
+    h, e, gm = _inputs(1, 3, 13, 20, torch.float32)
+    out = kernels.gcr_aggregate(h, e, 4, "dot")
+    assert torch.equal(out, gcr.gcr_aggregate(h, e, 4, "dot"))
+    with pytest.raises(ValueError, match="k"):
+        kernels.gcr_aggregate(h, e, 17, "dot")
+
+
+def test_torch_compile_fullgraph(monkeypatch):
+    monkeypatch.setenv("MORE_FAST_KERNELS", "triton")
+    h, e, gm = _inputs(2, 5, 19, 24, torch.float32)
+    k = 6
+
+    def f(h, e):
+        return kernels.gcr_aggregate(h, e, k, "published") * 2.0
+
+    compiled = torch.compile(f, fullgraph=True, backend="inductor")
+    hc, ec = h.clone().requires_grad_(), e.clone().requires_grad_()
+    out = compiled(hc, ec)
+    (out * gm).sum().backward()
+    m_ref, dh_ref, de_ref = _reference(h, e, gm * 2.0, k, "published")
+    assert _rel(out, 2.0 * m_ref) <= 1e-5
+    assert _rel(hc.grad, dh_ref) <= 1e-5
+    assert _rel(ec.grad, de_ref) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+# ------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("score", SCORES)
+@pytest.mark.parametrize("shape", [(4, 20, 784, 768, 10), (4, 80, 784, 768, 40), (2, 17, 150, 45, 9)])
+def test_gpu_matches_reference(shape, score, dtype):
+    _check(*shape, score, dtype, device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic():
+    h, e, gm = _inputs(4, 80, 784, 768, torch.bfloat16, device="cuda")
+    runs = [_fused(h, e, gm, 40, "published") for _ in range(3)]
+    for other in runs[1:]:
+        for x, y in zip(runs[0], other):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.gpu
+def test_gpu_long_rows():
+    """L > 1024: several top-k tiles on the GPU (the 896 crop, N = 3136)."""
+    _check(2, 20, 3136, 768, 10, "published", torch.float32, device="cuda")
+
+
+def test_sqrt_scale_matches():
+    """A = h e^T / sqrt(D) exactly as the reference scales it (fp64 keeps the check tight)."""
+    h, e, _ = _inputs(1, 2, 5, 9, torch.float64)
+    _, idx, p, _ = gcr._forward(h, e, 7, "dot")
+    logits = h @ e.transpose(1, 2) / math.sqrt(9)
+    w, ref_idx = logits.topk(7, dim=-1)
+    assert torch.equal(idx.long(), ref_idx)
+    assert torch.allclose(p, w.softmax(-1), rtol=1e-13, atol=0)

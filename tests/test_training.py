@@ -1,0 +1,138 @@
+"""The training loop: schedule, parameter groups, loss phases, end-to-end steps, metrics, resume, CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels
+from more_fast.cli import config_from_args
+from more_fast.model import MoReNet
+from more_fast.training import TrainConfig, Trainer, build_optimizer, build_scheduler, loss_weights, lr_factor
+from more_fast.training.loop import TrainStep, compute_losses
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_cfg(tmp_path, **kw):
+    base = dict(data="synthetic", data_root=str(tmp_path / "syn"), synthetic_train=8, synthetic_val=4,
+                num_classes=3, crop_size=32, batch_size=2, backbone="vit_tiny_patch16_224", depth=3,
+                decoder_dim=16, iters=2, log_every=1, eval_every=1000, workers=0, out=str(tmp_path / "out"),
+                cam_scales=(1.0, 0.5), num_panels=2, kernels="reference")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_lr_factor_warmup_and_poly():
+    assert lr_factor(0, 1500, 20000) == pytest.approx(1e-6)
+    assert lr_factor(750, 1500, 20000) == pytest.approx(0.5 + 0.5e-6)
+    assert lr_factor(1500, 1500, 20000) == pytest.approx((1 - 1500 / 20000) ** 0.9)
+    assert lr_factor(20000, 1500, 20000) == 0.0
+
+
+def test_optimizer_groups_and_schedule(tmp_path):
+    cfg = TrainConfig(backbone_lr=6e-5, head_lr=6e-4, iters=20000, recipe_iters=20000)
+    model = MoReNet("vit_tiny_patch16_224", num_classes=4, depth=3, decoder_dim=16)
+    opt = build_optimizer(model, cfg)
+    names = [g["name"] for g in opt.param_groups]
+    assert names == ["backbone", "backbone_norm", "classifiers", "gcr", "decoder"]
+    assert [g["lr"] for g in opt.param_groups] == [6e-5, 6e-5, 6e-4, 6e-4, 6e-4]
+    assert all(g["weight_decay"] == 0.01 for g in opt.param_groups) and opt.defaults["betas"] == (0.9, 0.999)
+    sched = build_scheduler(opt, cfg)
+    assert opt.param_groups[0]["lr"] == pytest.approx(6e-5 * 1e-6)
+    for _ in range(1500):
+        sched.step()
+    assert opt.param_groups[2]["lr"] == pytest.approx(6e-4 * (1 - 1500 / 20000) ** 0.9)
+
+
+def test_loss_phases_voc_and_scaled():
+    voc = TrainConfig(iters=20000, recipe_iters=20000)
+    assert set(loss_weights(voc, 2000)) == {"cls", "aux", "mct", "ptc", "cre", "ure"}
+    w = loss_weights(voc, 2001)
+    assert w["seg"] == 0.12 and w["reg"] == 0.05 and w["cre"] == 0.2 and w["ure"] == 0.1 and w["ptc"] == 0.3
+    short = TrainConfig(iters=400, recipe_iters=400)
+    assert short.scaled("seg_start") == 40 and short.scaled("label_switch") == 200
+    assert "seg" in loss_weights(short, 41) and "seg" not in loss_weights(short, 40)
+    coco = TrainConfig(iters=80000, recipe_iters=80000, reference_iters=80000, ptc_start=8000, lir_start=12000,
+                       seg_start=16000)
+    assert set(loss_weights(coco, 7999)) == {"cls", "aux", "mct"}
+    assert "cre" in loss_weights(coco, 12000) and "seg" not in loss_weights(coco, 16000)
+
+
+def _read_metrics(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_two_iterations_end_to_end(tmp_path, backend, monkeypatch):
+    if backend == "triton":
+        missing = [op for op in ("affinity_loss", "lir_loss", "gcr_aggregate", "par_refine", "dense_energy_loss")
+                   if not kernels.triton_available(op)]
+        assert not missing, f"Triton implementations missing: {missing}"
+    # schedule of 20 so that L_seg / L_reg (after iteration 2) and PAR run within the two steps
+    cfg = tiny_cfg(tmp_path, kernels=backend, schedule_iters=20, iters=4, eval_every=4, seg_start=2000)
+    results = Trainer(cfg, log=lambda m: None).run()
+    records = _read_metrics(cfg.out)
+    steps = [r for r in records if "loss" in r]
+    assert [r["iter"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        assert all(k in r for k in ("cls", "aux", "mct", "ptc", "cre", "ure")) and r["loss"] > 0
+    assert "seg" in steps[-1] and "reg" in steps[-1]  # the decoder joined after iteration 2
+    assert set(results) == {"cam", "aux_cam", "lam", "decoder", "background"}
+    assert os.path.isfile(os.path.join(cfg.out, "checkpoints", "ckpt_00000004.pt"))
+    assert len(os.listdir(os.path.join(cfg.out, "panels", "iter_00000004"))) == 2
+
+
+def test_resume_matches_uninterrupted_run_bit_for_bit(tmp_path):
+    full = tiny_cfg(tmp_path, iters=4, out=str(tmp_path / "full"), schedule_iters=20)
+    Trainer(full, log=lambda m: None).run()
+    half = tiny_cfg(tmp_path, iters=2, out=str(tmp_path / "half"), schedule_iters=20)
+    Trainer(half, log=lambda m: None).run()
+    resumed = tiny_cfg(tmp_path, iters=4, out=str(tmp_path / "half"), resume=str(tmp_path / "half"), schedule_iters=20)
+    Trainer(resumed, log=lambda m: None).run()
+    a = [r for r in _read_metrics(full.out) if r.get("iter") == 4 and "loss" in r][0]
+    b = [r for r in _read_metrics(resumed.out) if r.get("iter") == 4 and "loss" in r][-1]
+    assert a["loss"] == b["loss"] and a["cre"] == b["cre"] and a["ure"] == b["ure"]
+
+
+def test_corrupt_checkpoint_falls_back_to_previous(tmp_path, capsys):
+    cfg = tiny_cfg(tmp_path, iters=2, eval_every=1, num_panels=0, cam_scales=(1.0,))
+    Trainer(cfg, log=lambda m: None).run()
+    ckpts = sorted(os.listdir(os.path.join(cfg.out, "checkpoints")))
+    assert ckpts == ["ckpt_00000001.pt", "ckpt_00000002.pt"]
+    with open(os.path.join(cfg.out, "checkpoints", ckpts[-1]), "r+b") as f:
+        f.truncate(100)
+    t = Trainer(tiny_cfg(tmp_path, iters=2, resume=cfg.out, num_panels=0, cam_scales=(1.0,)), log=lambda m: None)
+    assert t.start_iter == 1
+    assert "ckpt_00000002.pt" in capsys.readouterr().err
+
+
+def test_model_and_losses_compile_without_graph_break(tmp_path):
+    torch._dynamo.reset()
+    cfg = tiny_cfg(tmp_path, compile=True, cam_scales=(1.0,))
+    model = MoReNet("vit_tiny_patch16_224", num_classes=3, depth=3, decoder_dim=16)
+    step = TrainStep(model, cfg, torch.device("cpu"))  # fullgraph=True: a graph break raises
+    batch = {"image": torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8),
+             "cls_label": torch.tensor([[1.0, 0, 1], [0, 1, 0]])}
+    total, terms = step.step(cfg.scaled("seg_start") + 1, batch)  # past the seg start: every loss term is in the graph
+    assert set(terms) == {"cls", "aux", "mct", "ptc", "cre", "ure", "seg", "reg"} and torch.isfinite(total)
+
+
+def test_cli_rejects_bad_values_before_work(tmp_path):
+    bad = [["--crop-size", "30"], ["--iters", "0"], ["--data", "voc"], ["--pretrained", str(tmp_path / "no.pth")],
+           ["--resume", str(tmp_path / "missing")], ["--kernels", "cuda"], ["--num-classes", "9"]]
+    for argv in bad:
+        with pytest.raises(SystemExit) as err:
+            config_from_args(argv)
+        assert err.value.code == 2, argv
+    cfg = config_from_args(["--data", "voc", "--data-root", str(tmp_path)])
+    assert cfg.num_classes == 20 and cfg.crop_size == 448 and cfg.batch_size == 4 and cfg.iters == 20000
+    assert cfg.backbone == "vit_base_patch16_224" and cfg.backbone_lr == 6e-5 and cfg.head_lr == 6e-4
+
+
+def test_train_script_error_message_names_the_flag(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--crop-size", "30"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--crop-size" in proc.stderr and "multiple of 16" in proc.stderr
