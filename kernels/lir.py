@@ -131,7 +131,7 @@ def _lir_combine_kernel(
                 run_m = new_m
                 run_z += tl.sum(tl.load(st_z_ptr + ptrs, mask=mask, other=0.0), axis=1)
                 run_c += tl.sum(tl.load(st_c_ptr + ptrs, mask=mask, other=0), axis=1)
-            lse = run_m + tl.log(tl.where(mc, run_s, 1.0))
+            lse = run_m + tl.log(tl.where(run_s > 0, run_s, 1.0))  # -inf for rows with no patch
             has = run_c > 0
             cnt = tl.maximum(run_c, 1).to(tl.float32)
             present = tl.load(cls_ptr + b * scb + offs_c.to(tl.int64) * sck, mask=mc, other=0) != 0
@@ -236,7 +236,7 @@ def _config(device: torch.device, k: int, n: int, d: int) -> dict:
     """Block sizes (tests override this to exercise multi-tile paths)."""
     block_k = _pow2_clamp(k, 16, 64)
     if device.type == "cuda":
-        return dict(block_k=block_k, block_n=64, block_d=64, block_do=64, block_t=64, num_warps=4, num_stages=3)
+        return dict(block_k=block_k, block_n=64, block_d=32, block_do=64, block_t=64, num_warps=4, num_stages=3)
     # interpreter: each program costs ~10 ms of Python, so few large blocks
     return dict(block_k=block_k, block_n=_pow2_clamp(n, 16, 256), block_d=_pow2_clamp(d, 16, 256),
                 block_do=_pow2_clamp(d, 16, 256), block_t=64, num_warps=4, num_stages=1)
@@ -265,7 +265,7 @@ def _lir_forward(cls_tokens, patch_tokens, labels, cls_labels, temperature: floa
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         _lir_combine_kernel[(1,)](
-            st_m, st_s, st_z, st_c, cls_labels, loss, aux, b, k, t, 1.0 / b, *cls_labels.stride(),
+            st_m, st_s, st_z, st_c, cls_labels, loss, aux, b, k, t, 1.0 / b if b else float("nan"), *cls_labels.stride(),
             BLOCK_K=cfg["block_k"], BLOCK_T=cfg["block_t"], num_warps=4,
         )
     return loss, z, aux

@@ -197,11 +197,19 @@ def par_refine(
     background thresholds) can be concatenated along C and refined in one call.
     """
     _checks.check_par_refine(image, masks, dilations, num_iter)
-    offsets = par_offsets(dilations)
-    aff = par_affinity(image, dilations)[:, None]  # B x 1 x J x H x W
+    aff = par_affinity(image, dilations)  # B x J x H x W
+    height, width = masks.shape[-2:]
     m = masks.to(_compute_dtype(image))
     for _ in range(num_iter):
-        m = (_neighbours(m, offsets) * aff).sum(dim=2)
+        acc = torch.zeros_like(m)
+        j = 0
+        for d in dilations:  # replicate padding once per dilation; the 8 neighbours are views of it
+            padded = F.pad(m, [d, d, d, d], mode="replicate")
+            for dy, dx in _BASE_OFFSETS:
+                shifted = padded[..., d + dy * d: d + dy * d + height, d + dx * d: d + dx * d + width]
+                acc += aff[:, j: j + 1] * shifted
+                j += 1
+        m = acc
     return m
 
 
@@ -231,13 +239,13 @@ def gaussian_filter(image: torch.Tensor, values: torch.Tensor, sigma_rgb: float,
     hw = height * width
     f = _pixel_features(image, sigma_rgb, sigma_xy)  # B x HW x 5
     v = values.flatten(2).transpose(1, 2)  # B x HW x C
+    sq = (f * f).sum(-1)  # B x HW
     chunk = max(1, (1 << 24) // max(1, b * hw))
     out = []
     for start in range(0, hw, chunk):
         fp = f[:, start : start + chunk]  # B x c x 5
-        d2 = torch.zeros(b, fp.shape[1], hw, dtype=f.dtype, device=f.device)
-        for i in range(f.shape[-1]):
-            d2 += (fp[:, :, None, i] - f[:, None, :, i]) ** 2
+        # |f_p - f_q|^2 = |f_p|^2 + |f_q|^2 - 2 f_p.f_q (clamped: rounding can make it slightly negative)
+        d2 = (sq[:, start : start + chunk, None] + sq[:, None, :] - 2 * fp @ f.transpose(1, 2)).clamp_min(0)
         out.append(torch.exp(-0.5 * d2) @ v)  # B x c x C
     return torch.cat(out, dim=1).transpose(1, 2).reshape(b, c, height, width)
 

@@ -167,9 +167,7 @@ def convert_file(src: str | pathlib.Path, dst: str | pathlib.Path,
         obj = load_file(str(src))
     else:
         obj = torch_load(src, map_location="cpu")
-    state, config, rep = convert_state_dict(obj, ignore_unknown)
-    model = model_from_config(config)
-    model.load_state_dict(state, strict=True)  # the final check: every tensor has its place
+    state, config, rep = convert_state_dict(obj, ignore_unknown)  # every name and shape checked
     save_atomic({"model": {key: value.contiguous() for key, value in state.items()}, "model_config": config,
                  "format": FORMAT, "converted_from": src.name}, dst)
     return rep

@@ -40,7 +40,8 @@ def make_inputs(b, k, n, d, dtype=torch.float32, p_dtype=None, p_scale=1.0, pres
     lab = torch.randint(0, k + 2, (b, n))
     lab[lab == k + 1] = 255  # ignored patches; 0 = background
     cls = (torch.rand(b, k) < present).long()
-    cls[:, 0] = 1
+    if k:
+        cls[:, 0] = 1
     return q, p, lab, cls
 
 
@@ -130,6 +131,19 @@ def test_label_dtypes(triton_backend, small_blocks, label_dtype):
 def test_mixed_dtypes(triton_backend, small_blocks):
     q, p, lab, cls = make_inputs(2, 5, 37, 24, dtype=torch.float32, p_dtype=torch.float16)
     check(q, p, lab, cls, tol=1e-5)  # p's fp16 values are the inputs of both sides
+
+
+def test_float64_inputs(triton_backend, small_blocks):
+    """fp64 tokens are accepted (computed in fp32); the gradient comes back in fp64."""
+    check(*make_inputs(2, 5, 37, 24, dtype=torch.float64), tol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 0, 8), (2, 0, 5, 8)])
+def test_empty_inputs(triton_backend, shape):
+    q, p, lab, cls = make_inputs(*shape)
+    loss, grad, loss_ref, _ = run_both(q, p, lab, cls, 0.5)
+    assert loss.item() == loss_ref.item() == 0.0
+    assert grad.shape == q.shape and torch.count_nonzero(grad) == 0
 
 
 def test_tiny_class_token(triton_backend, small_blocks):

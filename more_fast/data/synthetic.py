@@ -8,7 +8,7 @@ shape is a strong, consistent cue; objects are large (30-60% of the image side) 
 there are 1-3 of them per image, each of a different class, later ones on top but hiding at
 most half of any earlier one. Backgrounds are cluttered (smooth colour noise, lighting
 gradients, pixel noise, plain half-saturated wobbly blobs) but never carry a class texture,
-so an untrained model is far from solving the set (all-background scores about 13% mIoU).
+so an untrained model is far from solving the set (all-background scores about 12% mIoU).
 
 The set is written once to a folder in the VOC layout (`JPEGImages/<name>.jpg`,
 `SegmentationClassAug/<name>.png`, `ImageSets/Segmentation/{train,val}.txt`) so the VOC
