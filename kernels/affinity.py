@@ -8,7 +8,7 @@
 Sums and counts run over all images together. No B x N x N tensor exists in forward or
 backward: the |cos| tiles live in registers, flash-attention style.
 
-Forward (4 launches, tiny ones included):
+Forward (3 launches):
 1. `_affinity_rownorm_kernel`: rn_i = 1 / max(||x_i||, eps), fp32, B x N (saved for backward).
 2. `_affinity_fwd_kernel`, grid (T, T, B) over tile pairs (T = cdiv(N, BLOCK)): the tile
    <x_i, x_j> by tl.dot over D chunks of the raw tokens, scaled by rn_i rn_j in fp32. c is
@@ -31,6 +31,10 @@ Backward (2 launches):
 5. `_affinity_norm_bwd_kernel`, per row: ghat = the SPLIT partials summed in a fixed order,
        dx = rn ghat - [||x|| >= eps] rn^3 x <x, ghat>          (F.normalize's gradient)
    stored in the dtype of the tokens.
+
+Saved for backward: the tokens and labels (inputs), rn (B x N fp32) and the two pair weights.
+Block sizes: 64 x 64 tiles on CUDA (backward with 8 warps, which ptxas compiles without register
+spills for sm_80 and sm_90); on the interpreter few large blocks (each program costs Python time).
 
 Precision: tl.dot in fp32-accurate modes (fp16 operands natively, exact products with fp32
 accumulation; bf16 and fp32 upcast to fp32 with 3xTF32 on sm80+, IEEE FMA elsewhere and on the
@@ -348,15 +352,16 @@ def _affinity_forward(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: 
     sxb, sxn, sxd = tokens.stride()
     slb, sln = labels.stride()
     with _device_ctx(tokens):
-        _affinity_rownorm_kernel[(triton.cdiv(b * n, rcfg["block_r"]),)](
-            tokens, rn, b * n, n, d, sxb, sxn, sxd, NORM_EPS,
-            BLOCK_R=rcfg["block_r"], BLOCK_D=rcfg["block_d"], num_warps=rcfg["num_warps"],
-        )
-        _affinity_fwd_kernel[(t, t, b)](
-            tokens, labels, rn, psum, pcnt, n, d, ignore_index, sxb, sxn, sxd, slb, sln,
-            BLOCK=block, BLOCK_D=cfg["block_d"], UPCAST=upcast, DOT_PREC=prec,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
+        if b * n > 0:  # otherwise no pair: the loss is 0.5
+            _affinity_rownorm_kernel[(triton.cdiv(b * n, rcfg["block_r"]),)](
+                tokens, rn, b * n, n, d, sxb, sxn, sxd, NORM_EPS,
+                BLOCK_R=rcfg["block_r"], BLOCK_D=rcfg["block_d"], num_warps=rcfg["num_warps"],
+            )
+            _affinity_fwd_kernel[(t, t, b)](
+                tokens, labels, rn, psum, pcnt, n, d, ignore_index, sxb, sxn, sxd, slb, sln,
+                BLOCK=block, BLOCK_D=cfg["block_d"], UPCAST=upcast, DOT_PREC=prec,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            )
         _affinity_finalize_kernel[(1,)](psum, pcnt, b * t * t, loss, coef, BLOCK_P=1024, num_warps=4)
     return loss, coef, rn
 

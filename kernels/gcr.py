@@ -66,7 +66,8 @@ an order-preserving integer and (2^31 - 1 - l) into the low 32 bits; the k large
 k largest logits, equal logits ordered by the lower node index first. With distinct values
 the selected set is torch.topk's (the order of the k neighbours never matters: everything
 after the selection is symmetric in j). On ties torch.topk's choice is unspecified; here the
-lower index wins (torch's CPU kernel does the same in the cases we tried). For fp64 inputs
+lower index wins (torch.topk on the CPU did the same in the one case we tried; not a
+guarantee of torch's). For fp64 inputs
 the selection compares logits rounded to fp32 (values closer than that count as ties); every
 other quantity is fp64. NaN logits sort above +inf for a positive NaN and below -inf for a
 negative NaN; -0.0 sorts below +0.0.
@@ -79,12 +80,19 @@ and the interpreter's bf16 dot is broken); fp32 tiles use "ieee" (no TF32 roundi
 would change the selected neighbours against the reference); fp64 tiles use "ieee" in fp64.
 tanh is written with tl.exp (no libdevice). The two softmax backwards use the pairwise form
 ds_j = a_j sum_l a_l (da_j - da_l) (same for dw with p, dp) instead of a_j (da_j - <a, da>):
-with a peaked a, <a, da> nearly equals da_j and the subtraction cancels (measured: 7x less dh
+with a peaked a, <a, da> nearly equals da_j and the subtraction cancels (measured: 5-7x less dh
 error than the fp32 reference's autograd). What remains in fp32 is conditioning: a = softmax(s)
 turns the rounding of s (~1e-7 |s|) into relative error of the small a_j, which dh is made
 of, so fp32 gradients are good to ~1e-7 max|s| (|s| reaches 100+ in the "published" mode at
 D = 768 with unit-scale features). Strides: any strides for h, e and the incoming
 gradient; nothing is copied. Offsets are int64.
+
+Launch configuration (GPU; checked by compiling every kernel for sm_90 and sm_86 with triton
+3.8 without a device: no spills for k <= 64): logits 16 x 64 tiles over 32-wide D chunks, 4
+warps; top-k one warp, 1024-logit tiles; per-row kernels [KPAD, BLOCK_D] tiles of 2048
+elements (KPAD = next power of two >= k, at least 16), 8 warps; node kernel 32 rows x 32
+edges x 32 channels, 4 warps, num_stages=1. k > 64 works but the per-row tiles get narrow
+and the pairwise [KPAD, KPAD] softmax backward spills. The interpreter uses larger tiles.
 """
 from __future__ import annotations
 
@@ -474,11 +482,16 @@ def _interpreted(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"
 
 
+_ROW_WARPS = 8  # per-row kernels: a 2048-element tile is 8 elements per thread
+
+
 def _row_blocks(k: int, d: int, interp: bool) -> tuple[int, int]:
-    """(KPAD, BLOCK_D) for the per-row kernels: a [KPAD, BLOCK_D] tile of <= 4096 elements on
-    a GPU (32 per thread at 4 warps); larger tiles under the interpreter (fewer Python steps)."""
+    """(KPAD, BLOCK_D) for the per-row kernels: a [KPAD, BLOCK_D] tile of <= 2048 elements on
+    a GPU (compiled for sm_90 with triton 3.8: <= 128 registers a thread at 8 warps, no spills
+    for k <= 64; 4096-element tiles needed 160-255 and spilled at k = 40); larger tiles under
+    the interpreter (fewer Python steps)."""
     kpad = max(16, triton.next_power_of_2(k))
-    tile = 16384 if interp else 4096
+    tile = 16384 if interp else 2048
     block_d = max(16, min(triton.next_power_of_2(max(d, 1)), tile // kpad))
     return kpad, block_d
 
@@ -538,7 +551,7 @@ def _forward(h: torch.Tensor, e: torch.Tensor, k: int, score: str, block_l: int 
             *h.stride(), *e.stride(), *m.stride(),
             KPAD=kpad, BLOCK_D=block_d,
             PUBLISHED=score == "published", CDT=_tl_dtype(h.dtype),
-            num_warps=4,
+            num_warps=_ROW_WARPS,
         )
     return m, idx, p, att
 
@@ -566,8 +579,10 @@ def _backward(grad_m, h, e, idx, p, att, k: int, score: str):
     sorted_nodes, order = torch.sort(flat, dim=1, stable=True)
     bounds = torch.arange(nodes + 1, dtype=flat.dtype, device=h.device).expand(bsz, nodes + 1).contiguous()
     offsets = torch.searchsorted(sorted_nodes, bounds)  # int64, B x (L + 1)
+    # node kernel: 32 x 32 one-hot dot into a 32 x 32 block of de (sm_90: 143 registers at
+    # 4 warps with num_stages=1; the default software pipelining of the dot loop spilled)
     rows, seg = (64, 64) if interp else (32, 32)
-    block_d_nodes = max(16, min(triton.next_power_of_2(d), 256 if interp else 64))
+    block_d_nodes = max(16, min(triton.next_power_of_2(d), 256 if interp else 32))
     with _device_guard(h):
         _gcr_backward_rows_kernel[(bsz * ncls,)](
             grad_m, h, e, idx, p, att,
@@ -576,7 +591,7 @@ def _backward(grad_m, h, e, idx, p, att, k: int, score: str):
             *grad_m.stride(), *h.stride(), *e.stride(), *dh.stride(),
             KPAD=kpad, BLOCK_D=block_d,
             PUBLISHED=published, CDT=_tl_dtype(h.dtype),
-            num_warps=4,
+            num_warps=_ROW_WARPS,
         )
         _gcr_backward_nodes_kernel[(triton.cdiv(nodes, rows), bsz)](
             grad_m, h, e, de, order, sorted_nodes, offsets,
@@ -585,7 +600,7 @@ def _backward(grad_m, h, e, idx, p, att, k: int, score: str):
             *grad_m.stride(), *h.stride(), *e.stride(), *de.stride(),
             ROWS=rows, SEG=seg, BLOCK_D=block_d_nodes,
             PUBLISHED=published, CDT=_tl_dtype(h.dtype),
-            num_warps=4,
+            num_warps=4, num_stages=1,
         )
     return dh, de
 

@@ -25,6 +25,7 @@ Backward (1 launch):
    sum_n e_cn p_n by tl.dot over N tiles for one D slice, the projection from e and z, and
    dL/dq stored in the dtype of the class tokens.
 Deterministic: no atomics, every reduction in a fixed order.
+Saved for backward: the inputs, z (B x K x N fp32) and aux (B x K x 3 fp32).
 
 Precision: fp16 x fp16 tl.dot natively (exact products, fp32 accumulation); bf16, fp32 and
 mixed dtypes upcast to fp32 (3xTF32 on sm80+, IEEE FMA elsewhere and on the interpreter,
@@ -258,12 +259,13 @@ def _lir_forward(cls_tokens, patch_tokens, labels, cls_labels, temperature: floa
     aux = torch.empty((b, k, 3), dtype=torch.float32, device=dev)
     loss = torch.empty((), dtype=torch.float32, device=dev)
     with _device_ctx(cls_tokens):
-        _lir_logits_kernel[(t, triton.cdiv(k, cfg["block_k"]), b)](
-            cls_tokens, patch_tokens, labels, z, st_m, st_s, st_z, st_c,
-            k, n, d, 1.0 / temperature, NORM_EPS, *cls_tokens.stride(), *patch_tokens.stride(), *labels.stride(),
-            BLOCK_K=cfg["block_k"], BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], UPCAST=upcast, DOT_PREC=prec,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
+        if b * k * t > 0:  # otherwise every class has no patch: the loss is 0
+            _lir_logits_kernel[(t, triton.cdiv(k, cfg["block_k"]), b)](
+                cls_tokens, patch_tokens, labels, z, st_m, st_s, st_z, st_c,
+                k, n, d, 1.0 / temperature, NORM_EPS, *cls_tokens.stride(), *patch_tokens.stride(), *labels.stride(),
+                BLOCK_K=cfg["block_k"], BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], UPCAST=upcast, DOT_PREC=prec,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            )
         _lir_combine_kernel[(1,)](
             st_m, st_s, st_z, st_c, cls_labels, loss, aux, b, k, t, 1.0 / b if b else float("nan"), *cls_labels.stride(),
             BLOCK_K=cfg["block_k"], BLOCK_T=cfg["block_t"], num_warps=4,
@@ -278,6 +280,8 @@ def _lir_backward(grad, cls_tokens, patch_tokens, labels, z, aux, temperature: f
     dev = cls_tokens.device
     cfg = _config(dev, k, n, d)
     dq = torch.empty((b, k, d), dtype=cls_tokens.dtype, device=dev)
+    if dq.numel() == 0:
+        return dq
     grad = grad.reshape(()).to(device=dev)
     with _device_ctx(cls_tokens):
         _lir_bwd_kernel[(triton.cdiv(d, cfg["block_do"]), triton.cdiv(k, cfg["block_k"]), b)](

@@ -49,7 +49,8 @@ def torch_load(path: str | pathlib.Path, map_location: Any = "cpu") -> Any:
         foreign = [name for name in names if not name.startswith("numpy")]
         if foreign or not names:
             raise ValueError(f"{path}: holds Python objects other than tensors and NumPy arrays "
-                             f"({foreign or err}); refusing to unpickle it") from None
+                             f"({foreign or err}); refusing to unpickle it. If you trust the file, save its "
+                             "state dict alone: torch.save(torch.load(path, weights_only=False)['model'], out)") from None
         allowed = [_resolve_global(name) for name in names] + _numpy_types()
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=map_location, weights_only=True)

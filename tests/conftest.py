@@ -2,6 +2,8 @@
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# the interpreter's tl.dot goes through numpy: BLAS threads fighting over 2 cores slow it 30x
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

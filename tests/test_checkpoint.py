@@ -8,7 +8,7 @@ import torch
 
 import more_fast
 from more_fast.checkpoint import init_from_timm_state, read_state_dict
-from more_fast.convert import convert_file, convert_state_dict
+from more_fast.convert import convert_state_dict
 from more_fast.model import MoReNet
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

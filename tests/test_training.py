@@ -136,3 +136,36 @@ def test_train_script_error_message_names_the_flag(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--crop-size", "30"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--crop-size" in proc.stderr and "multiple of 16" in proc.stderr
+
+
+def test_nonfinite_loss_stops_naming_term_and_iteration(tmp_path, monkeypatch):
+    import more_fast.losses as L
+    from more_fast.training import NonFiniteLoss
+
+    real = L.ure_loss
+    calls = {"n": 0}
+
+    def poisoned(*args):
+        calls["n"] += 1
+        value = real(*args)
+        return value * float("nan") if calls["n"] >= 3 else value
+
+    monkeypatch.setattr(L, "ure_loss", poisoned)
+    cfg = tiny_cfg(tmp_path, iters=4, eval_every=2, num_panels=0, cam_scales=(1.0,))
+    with pytest.raises(NonFiniteLoss, match=r"'ure'.*iteration 3.*ckpt_00000002\.pt"):
+        Trainer(cfg, log=lambda m: None).run()
+    assert sorted(os.listdir(os.path.join(cfg.out, "checkpoints"))) == ["ckpt_00000002.pt"]
+
+
+def test_nonfinite_loss_skip_mode_counts_and_goes_on(tmp_path, monkeypatch):
+    import more_fast.losses as L
+
+    real = L.ure_loss
+    monkeypatch.setattr(L, "ure_loss", lambda *a: real(*a) * float("nan"))
+    cfg = tiny_cfg(tmp_path, iters=2, num_panels=0, cam_scales=(1.0,), on_nonfinite="skip")
+    t = Trainer(cfg, log=lambda m: None)
+    before = [p.detach().clone() for p in t.model.parameters()]
+    t.run()
+    assert t.trainer.skipped == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
+    assert _read_metrics(cfg.out)[-2]["skipped"] == 2

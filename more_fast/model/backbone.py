@@ -131,8 +131,11 @@ class MoReBackbone(nn.Module):
         gh, gw = self.pos_grid
         if (h, w) != (gh, gw):
             patch = patch.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)  # 1 x D x gh x gw
-            patch = F.interpolate(patch, size=(h, w), mode="bicubic", align_corners=False)
-            patch = patch.permute(0, 2, 3, 1).reshape(1, h * w, -1)  # 1 x hw x D
+            # as the published code (DINO's interpolate_pos_encoding): a scale factor with +0.1 so that
+            # flooring lands on (h, w); the factor, not the size, sets the sampling positions
+            patch = F.interpolate(patch, scale_factor=((h + 0.1) / gh, (w + 0.1) / gw), mode="bicubic",
+                                  align_corners=False)
+            patch = patch[:, :, :h, :w].permute(0, 2, 3, 1).reshape(1, h * w, -1)  # 1 x hw x D
         return torch.cat([prefix, patch], dim=1)
 
     def forward(self, x: torch.Tensor, attn_reduce: Optional[str] = None) -> BackboneOutput:

@@ -159,6 +159,13 @@ class TrainStep:
         seg = C.par_pseudo_labels(image, maps["cam"], cls_labels) if "seg" in weights else None
         return StepLabels(ptc, cre.flatten(1), ure_index, ure_valid, seg)
 
+    def _all_finite(self, total: torch.Tensor) -> bool:
+        """Whether every rank's loss is finite (ranks must agree on skipping a step)."""
+        flag = torch.isfinite(total.detach()).float()
+        if self.ddp:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag)
+
     def step(self, it: int, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.cfg
         images_u8 = batch["image"].to(self.device, non_blocking=True)
@@ -175,7 +182,7 @@ class TrainStep:
                                        labels.ure_valid, labels.seg, image, weights, cfg.cre_temperature)
             if self.ddp and "seg" not in weights:  # DDP needs a gradient for every output; the decoder's is 0
                 total = total + 0.0 * out.seg.float().sum()
-        if cfg.on_nonfinite == "skip" and not bool(torch.isfinite(total)):  # a sync, only in skip mode
+        if cfg.on_nonfinite == "skip" and not self._all_finite(total):  # a sync, only in skip mode
             self.skipped += 1
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
@@ -268,14 +275,15 @@ class Trainer:
         return path
 
     # ---------------------------------------------------------------- the run
-    def _check_finite(self, it: int, total: torch.Tensor, terms: dict) -> None:
-        for name, value in terms.items():
-            if not bool(torch.isfinite(value)):
-                last = S.list_checkpoints(self.out)
+    def _check_finite(self, it: int, values: dict[str, float]) -> None:
+        """Stop on a non-finite loss; `values` are reduced over ranks, so every rank stops together."""
+        for name in sorted(values, key=lambda n: n == "loss"):  # name the term before the total
+            value = values[name]
+            if not math.isfinite(value):
+                last = S.list_checkpoints(self.out) if self.out.exists() else []
                 keep = f"; the last good checkpoint is {last[0]}" if last else "; no checkpoint was written yet"
-                raise NonFiniteLoss(f"non-finite loss term '{name}' ({float(value)}) at iteration {it}{keep}")
-        if not bool(torch.isfinite(total)):
-            raise NonFiniteLoss(f"non-finite total loss at iteration {it}")
+                term = "total loss" if name == "loss" else f"loss term '{name}'"
+                raise NonFiniteLoss(f"non-finite {term} ({value}) at iteration {it}{keep}")
 
     def _reduce(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
         if self.world > 1:
@@ -323,8 +331,6 @@ class Trainer:
             total, terms = self.trainer.step(it, next(loader))
             done = it + 1
             if done % cfg.log_every == 0 or done == cfg.iters or done == self.start_iter + 1:
-                if cfg.on_nonfinite == "stop":
-                    self._check_finite(done, total, terms)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 now = time.perf_counter()
@@ -332,6 +338,8 @@ class Trainer:
                 t_last, it_last = now, done
                 ips = cfg.batch_size * self.world / sec_per_it
                 values = self._reduce({"loss": total, **terms})
+                if cfg.on_nonfinite == "stop":
+                    self._check_finite(done, values)
                 groups = self.trainer.optimizer.param_groups
                 lr = groups[0]["lr"], groups[2]["lr"]
                 mfu = f" | MFU {100 * flops / sec_per_it / peak:.1f}%" if peak else ""
@@ -342,8 +350,8 @@ class Trainer:
                 self._write_metrics({"iter": done, **values, "lr": lr[0], "img_per_s": ips,
                                      "skipped": self.trainer.skipped, **gpu_telemetry(self.device)})
             if done % cfg.eval_every == 0 or done == cfg.iters:
-                if cfg.on_nonfinite == "stop":
-                    self._check_finite(done, total, terms)
+                if cfg.on_nonfinite == "stop":  # never write a checkpoint of a diverged model
+                    self._check_finite(done, self._reduce({"loss": total, **terms}))
                 results = self.evaluate(done)
                 evaluated_at = done
                 path = self.save(done)
