@@ -48,6 +48,19 @@ def device_info() -> dict:
     return info
 
 
+@functools.lru_cache(maxsize=None)
+def software_info() -> dict:
+    """torch and triton versions, for the report's header (scripts/bench_report.py)."""
+    info = {"torch": torch.__version__}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return info
+
+
 def op_variant(op: str, variant: str) -> Callable:
     """The callable for `op` in one of VARIANTS; skips what cannot run here."""
     if variant == "reference_eager":

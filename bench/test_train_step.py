@@ -34,7 +34,7 @@ import pytest
 import torch
 
 import kernels
-from common import DEVICE, measure, sync
+from common import DEVICE, measure, software_info, sync
 
 from more_fast.model.network import MoReNet
 from more_fast.training.config import TrainConfig
@@ -151,14 +151,8 @@ def test_train_step(benchmark, pipeline):
             loss_terms=sorted(terms),
             nonfinite_terms=nonfinite,
             warmup_steps=WARMUP[pipeline],
-            torch=torch.__version__,
+            **software_info(),
         )
-        try:
-            import triton
-
-            info["triton"] = triton.__version__
-        except ImportError:
-            pass
         if not CUDA and pipeline in CPU_NOTES:
             info["note"] = CPU_NOTES[pipeline]
         RESULTS[pipeline] = {"img_per_s": B / median, "step_ms": median * 1e3}

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import kernels
-from common import DEVICE, measure
+from common import DEVICE, measure, software_info
 
 from more_fast.model.backbone import MoReBackbone
 
@@ -72,7 +72,7 @@ def test_vit_forward(benchmark, way, crop, dtype):
             flops=_flops(backbone, crop), warmup=2 if CUDA else 1)
     info = benchmark.extra_info
     median = benchmark.stats.stats.median
-    info.update(attn_impl=impl, attn_reduce=reduce)
+    info.update(attn_impl=impl, attn_reduce=reduce, **software_info())
     if reduce is not None:
         info["class_patch_attention_backend"] = kernels.resolve_backend("class_patch_attention", DEVICE)
     if way == "sdpa":

@@ -112,7 +112,7 @@ else:
     sys.exit(3)
 EOF
 versions_rc=$?
-[[ -f "$OUT_DIR/versions.log" ]] && cat "$OUT_DIR/versions.log"
+(( versions_rc == 0 )) && cat "$OUT_DIR/versions.log"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,memory.total,power.limit --format=csv 2>&1 | tee -a "$OUT_DIR/versions.log"
 if (( versions_rc == 3 )) && [[ "${GPU_CHECK_ALLOW_CPU:-0}" != 1 ]]; then
     echo "[gpu_check] no CUDA device: stopping (GPU_CHECK_ALLOW_CPU=1 runs the CPU versions anyway)"
