@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -260,7 +259,6 @@ def test_label_cache_is_written_once_and_reused(voc_root: Path) -> None:
     first = voc_dataset(voc_root, "train", train=False, crop_size=32)
     cache_files = list((voc_root / ".more_fast_cache").glob("*.npy"))
     assert len(cache_files) == 1
-    stamp = cache_files[0].stat().st_mtime_ns
     # Reuse: a doctored cache file is served as is (the masks are not read again).
     doctored = first.cls_labels.copy()
     doctored[2, 3] = 1
@@ -276,7 +274,8 @@ def test_label_cache_is_written_once_and_reused(voc_root: Path) -> None:
     assert len(list((voc_root / ".more_fast_cache").glob("*.npy"))) == 2
 
 
-def test_label_cache_dir_argument_and_fallback(voc_root: Path, tmp_path_factory,
+def test_label_cache_dir_argument_and_fallback(voc_root: Path,
+                                               tmp_path_factory: pytest.TempPathFactory,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     explicit = tmp_path_factory.mktemp("explicit")
     voc_dataset(voc_root, "train", train=False, crop_size=32, cache_dir=explicit)

@@ -34,6 +34,7 @@ def save_label_png(path: str | os.PathLike, label: np.ndarray) -> None:
     if label.size and (label.min() < 0 or label.max() > 255):
         raise ValueError(f"label values must lie in 0..255, got {label.min()}..{label.max()}")
     height, width = label.shape
-    image = Image.frombytes("P", (width, height), np.ascontiguousarray(label, dtype=np.uint8).tobytes())
+    pixels = np.ascontiguousarray(label, dtype=np.uint8).tobytes()
+    image = Image.frombytes("P", (width, height), pixels)
     image.putpalette(voc_palette().tobytes())
     image.save(Path(path), format="PNG")

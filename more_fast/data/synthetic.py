@@ -222,6 +222,14 @@ def _prepare_folder(root: Path) -> None:
         shutil.rmtree(root / name, ignore_errors=True)
 
 
+def _read_json(path: Path) -> dict | None:
+    """The recorded parameters, or None when absent or unreadable (then we regenerate)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _write_json(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
@@ -235,7 +243,8 @@ def make_synthetic_voc(root: str | os.PathLike, num_train: int = 1000, num_val: 
 
     `root/synthetic.json` records the parameters with `complete: false` before anything is
     written and `complete: true` after the last file, so an interrupted generation is
-    regenerated on the next call; matching parameters make the call a no-op.
+    regenerated on the next call; matching parameters make the call a no-op. Returns `root`.
+    Not safe for concurrent callers on one folder: generate on one process (rank 0) first.
     """
     if not 1 <= num_classes <= len(SYNTHETIC_CLASSES):
         raise ValueError(f"num_classes must lie in 1..{len(SYNTHETIC_CLASSES)}, got {num_classes}")
@@ -248,7 +257,7 @@ def make_synthetic_voc(root: str | os.PathLike, num_train: int = 1000, num_val: 
               "image_size": image_size, "num_classes": num_classes, "seed": seed,
               "classes": list(SYNTHETIC_CLASSES[:num_classes])}
     meta = root / _META
-    if meta.exists() and json.loads(meta.read_text()) == {**params, "complete": True}:
+    if _read_json(meta) == {**params, "complete": True}:
         return root
     root.mkdir(parents=True, exist_ok=True)
     _prepare_folder(root)
@@ -260,6 +269,7 @@ def make_synthetic_voc(root: str | os.PathLike, num_train: int = 1000, num_val: 
         for index, name in enumerate(names):
             rng = np.random.default_rng([seed, split_id, index])
             image, label = render_sample(rng, image_size, num_classes)
+            # 4:4:4 chroma: 3-pixel colour stripes would blur away under 4:2:0 subsampling.
             Image.fromarray(image).save(root / "JPEGImages" / f"{name}.jpg", quality=95,
                                         subsampling=0)
             save_label_png(root / "SegmentationClassAug" / f"{name}.png", label)

@@ -9,6 +9,8 @@ its colour transforms pass masks through untouched.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
@@ -20,16 +22,17 @@ PATCH_SIZE = 16
 
 def check_crop_size(crop_size: int) -> None:
     """The ViT cuts 16-pixel patches, so a crop must be a positive multiple of 16."""
-    if isinstance(crop_size, bool) or not isinstance(crop_size, int) or crop_size <= 0 \
-            or crop_size % PATCH_SIZE:
-        raise ValueError(f"crop_size must be a positive multiple of {PATCH_SIZE}, got {crop_size!r}")
+    integer = isinstance(crop_size, numbers.Integral) and not isinstance(crop_size, bool)
+    if not integer or crop_size <= 0 or crop_size % PATCH_SIZE:
+        raise ValueError(
+            f"crop_size must be a positive multiple of {PATCH_SIZE}, got {crop_size!r}")
 
 
 def train_transform(crop_size: int) -> v2.Transform:
     """SPEC 6: random resized crop (scale 0.32-1, bicubic), flip, colour jitter with p = 0.5."""
     check_crop_size(crop_size)
     return v2.Compose([
-        v2.RandomResizedCrop(crop_size, scale=(0.32, 1.0), interpolation=InterpolationMode.BICUBIC,
+        v2.RandomResizedCrop(int(crop_size), scale=(0.32, 1.0), interpolation=InterpolationMode.BICUBIC,
                              antialias=True),
         v2.RandomHorizontalFlip(),
         v2.RandomApply([v2.ColorJitter(0.3, 0.3, 0.3, 0.1)], p=0.5),
@@ -39,7 +42,7 @@ def train_transform(crop_size: int) -> v2.Transform:
 def eval_transform(crop_size: int) -> v2.Transform:
     """Evaluation at crop_size x crop_size, as the published validation at 448 x 448."""
     check_crop_size(crop_size)
-    return v2.Resize((crop_size, crop_size), interpolation=InterpolationMode.BILINEAR,
+    return v2.Resize((int(crop_size), int(crop_size)), interpolation=InterpolationMode.BILINEAR,
                      antialias=True)
 
 

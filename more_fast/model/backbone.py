@@ -68,11 +68,12 @@ class MoReBackbone(nn.Module):
         attn_impl: "sdpa" (fused attention) or "explicit" (the published way).
         img_size: the pretrained grid size in pixels (the position embedding grid).
         depth: override the number of blocks of the named model (None keeps it).
+        patch_size: override the patch size of the named model (None keeps it).
     """
 
     def __init__(self, name: str = "vit_base_patch16_224", num_classes: int = 20, num_registers: int = 4,
                  aux_layer: int = -3, attn_impl: str = "sdpa", img_size: Optional[int] = None,
-                 depth: Optional[int] = None):
+                 depth: Optional[int] = None, patch_size: Optional[int] = None):
         super().__init__()
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl: expected one of {ATTN_IMPLS}, got {attn_impl!r}")
@@ -81,6 +82,8 @@ class MoReBackbone(nn.Module):
         extra = {} if img_size is None else {"img_size": img_size}
         if depth is not None:  # fewer blocks than the named model: small CPU runs and tests
             extra["depth"] = depth
+        if patch_size is not None:  # a finer grid than the named model's (small images, no pretrained weights)
+            extra["patch_size"] = patch_size
         try:
             vit = timm.create_model(name, pretrained=False, num_classes=0, drop_rate=0.0,
                                     drop_path_rate=0.0, **extra)

@@ -37,14 +37,15 @@ class MoReNet(nn.Module):
     def __init__(self, backbone: str = "vit_base_patch16_224", num_classes: int = 20, num_registers: int = 4,
                  topk_ratio: float = 0.5, gcr_score: str = "published", attn_impl: str = "sdpa",
                  decoder_bias: bool = False, img_size: Optional[int] = None, depth: Optional[int] = None,
-                 decoder_dim: int = 512):
+                 decoder_dim: int = 512, patch_size: Optional[int] = None):
         super().__init__()
         self.config = dict(backbone=backbone, num_classes=num_classes, num_registers=num_registers,
                            topk_ratio=topk_ratio, gcr_score=gcr_score, attn_impl=attn_impl,
-                           decoder_bias=decoder_bias, img_size=img_size, depth=depth, decoder_dim=decoder_dim)
+                           decoder_bias=decoder_bias, img_size=img_size, depth=depth, decoder_dim=decoder_dim,
+                           patch_size=patch_size)
         self.num_classes = num_classes
         self.encoder = MoReBackbone(backbone, num_classes, num_registers, attn_impl=attn_impl, img_size=img_size,
-                                    depth=depth)
+                                    depth=depth, patch_size=patch_size)
         d = self.encoder.embed_dim
         self.classifier = make_classifier(d, num_classes)
         self.aux_classifier = make_classifier(d, num_classes)

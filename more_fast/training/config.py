@@ -25,6 +25,7 @@ class TrainConfig:
     gcr_score: str = "published"  # published | dot
     depth: Optional[int] = None  # blocks of the ViT; None: the named model's (12 for ViT-B/16)
     decoder_dim: int = 512  # LargeFOV width (published: 512)
+    patch_size: Optional[int] = None  # ViT patch size; None: the named model's (16)
     attn_impl: str = "sdpa"  # sdpa (fused attention) | explicit (the published way, for baselines)
     # schedule
     iters: int = 400  # iterations to run (VOC: 20,000)
@@ -47,6 +48,7 @@ class TrainConfig:
     w_ptc: float = 0.3
     w_seg: float = 0.12
     w_reg: float = 0.05
+    reg_scale: float = 0.5  # L_reg works at this fraction of the crop (VOC 0.5 of 448; sigma_xy = 100 * scale)
     cam_scales: tuple = (1.0, 0.5, 0.75, 1.5)  # COCO adds 1.25
     reference_iters: int = 20000  # the recipe's length that the thresholds above refer to
     # evaluation and output
@@ -89,7 +91,7 @@ VOC_RECIPE = dict(
     backbone="vit_base_patch16_224", iters=20000, recipe_iters=20000, batch_size=4, backbone_lr=6e-5, head_lr=6e-4,
     warmup_iters=1500, seg_start=2000, label_switch=10000, cre_temperature=0.5, w_cre=0.2, w_ure=0.1,
     cam_scales=(1.0, 0.5, 0.75, 1.5), reference_iters=20000, eval_every=2000, log_every=100,
-    eval_bkg=0.45,
+    eval_bkg=0.45, depth=None, decoder_dim=512, reg_scale=0.5, patch_size=None,
 )
 
 COCO_RECIPE = dict(

@@ -56,7 +56,7 @@ def loss_weights(cfg: TrainConfig, it: int) -> dict[str, float]:
 def compute_losses(out: MoReOutput, cls_labels: torch.Tensor, ptc_labels: torch.Tensor,
                    cre_labels: torch.Tensor, ure_index: torch.Tensor, ure_valid: torch.Tensor,
                    seg_labels: Optional[torch.Tensor], image: torch.Tensor, weights: dict[str, float],
-                   cre_temperature: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   cre_temperature: float, reg_scale: float = 0.5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The weighted total and each active term. Labels on the grid are B x N (seg: B x H x W)."""
     terms = {
         "cls": L.cls_loss(out.logits, cls_labels),
@@ -71,7 +71,7 @@ def compute_losses(out: MoReOutput, cls_labels: torch.Tensor, ptc_labels: torch.
     if "seg" in weights:
         seg = F.interpolate(out.seg.float(), size=image.shape[-2:], mode="bilinear", align_corners=False)
         terms["seg"] = L.seg_loss(seg, seg_labels)
-        terms["reg"] = L.reg_loss(image, seg, seg_labels)
+        terms["reg"] = L.reg_loss(image, seg, seg_labels, scale=reg_scale)
     total = sum(weights[name] * value.float() for name, value in terms.items())
     return total, terms
 
@@ -179,7 +179,8 @@ class TrainStep:
             out = self.forward(x)
             labels = self.make_labels(x, image, out, cls_labels, it, weights)
             total, terms = self.losses(out, cls_labels, labels.ptc, labels.cre, labels.ure_index,
-                                       labels.ure_valid, labels.seg, image, weights, cfg.cre_temperature)
+                                       labels.ure_valid, labels.seg, image, weights, cfg.cre_temperature,
+                                       cfg.reg_scale)
             if self.ddp and "seg" not in weights:  # DDP needs a gradient for every output; the decoder's is 0
                 total = total + 0.0 * out.seg.float().sum()
         if cfg.on_nonfinite == "skip" and not self._all_finite(total):  # a sync, only in skip mode
@@ -211,7 +212,8 @@ class Trainer:
         self.train_set = build_dataset(cfg, root, cfg.train_split, True, cfg.split_list)
         self.val_set = build_dataset(cfg, root, cfg.val_split, False)
         self.model = MoReNet(cfg.backbone, cfg.num_classes, cfg.num_registers, cfg.topk_ratio, cfg.gcr_score,
-                             attn_impl=cfg.attn_impl, depth=cfg.depth, decoder_dim=cfg.decoder_dim)
+                             attn_impl=cfg.attn_impl, depth=cfg.depth, decoder_dim=cfg.decoder_dim,
+                             patch_size=cfg.patch_size)
         if cfg.pretrained:
             from ..checkpoint import read_state_dict
 

@@ -1,0 +1,558 @@
+"""Property-based tests (hypothesis) of every fused op against the float64 reference.
+
+For each op of DESIGN.md's table, hypothesis draws small random shapes (odd sizes, K = 1, N not a
+multiple of 16, k = 1 and k = L, num_prefix = 0, C = 1, 1-pixel rows and columns, dilations
+larger than the image), label distributions (all ignored, one class, many classes, some 255,
+no positive pair), input scales (x 10^u), dtypes (fp32, fp16), memory layouts (contiguous,
+transposed, strided views) and tile sizes (the interpreter's defaults, or small tiles that force
+the multi-tile paths). Tensors come from a seed that hypothesis draws (`torch.Generator`), not
+from hypothesis arrays, for speed.
+
+The Triton path runs under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1,
+MORE_FAST_KERNELS=triton is set for this module). The oracle is `kernels.reference` in float64 on
+upcast copies of the same inputs. Values and every input gradient that exists are compared by
+||fused - ref|| / ||ref||: <= 1e-5 for fp32, <= 1e-2 for fp16. The only absolute floor is for
+references that are exactly zero (no pair, no present class, a zero gate give zero gradients):
+there ||fused|| itself must be <= tol * 1e-12.
+
+Where fp32 is ill-conditioned whatever the implementation, the input scales are bounded rather
+than the tolerance loosened; the bound and its reason are written next to each strategy.
+Examples per op are fixed (`derandomize=True`, no example database); set MORE_FAST_FUZZ=10 to
+run ten times as many (for a longer fuzzing session).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import tempfile
+from unittest import mock
+
+# hypothesis writes its caches (and patches of failing examples) under
+# $HYPOTHESIS_STORAGE_DIRECTORY, by default ./.hypothesis: keep them out of the repository
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "more_fast-hypothesis"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, assume, given, note, settings
+from hypothesis import strategies as st
+
+import kernels
+from kernels import reference as R
+
+pytest.importorskip("triton")
+from kernels import affinity as k_affinity  # noqa: E402
+from kernels import attention as k_attention  # noqa: E402
+from kernels import energy as k_energy  # noqa: E402
+from kernels import gcr as k_gcr  # noqa: E402
+from kernels import lir as k_lir  # noqa: E402
+from kernels import par as k_par  # noqa: E402
+
+F32, F16, F64 = torch.float32, torch.float16, torch.float64
+TOL = {F32: 1e-5, F16: 1e-2}
+ZERO_FLOOR = 1e-12  # ||ref|| below this counts as an exactly-zero reference
+EPS32 = torch.finfo(F32).eps
+
+_SCALE = float(os.environ.get("MORE_FAST_FUZZ", "1"))
+
+
+def _settings(n: int):
+    return settings(
+        max_examples=max(1, int(n * _SCALE)),
+        deadline=None,
+        derandomize=True,
+        database=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _triton_backend():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MORE_FAST_KERNELS", "triton")
+        for op in ("affinity_loss", "lir_loss", "gcr_aggregate", "class_patch_attention", "par_refine",
+                   "dense_energy_loss"):
+            assert kernels.resolve_backend(op, torch.device("cpu")) == "triton", op
+        yield
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    got, ref = got.detach().double(), ref.detach().double()
+    return (got - ref).norm().item(), ref.norm().item()
+
+
+def assert_close(what: str, got: torch.Tensor, ref: torch.Tensor, tol: float, fp32_ref=None,
+                 zero_scale: float = 0.0) -> None:
+    """||got - ref|| <= tol * max(||ref||, ZERO_FLOOR).
+
+    `zero_scale`: the size of the terms that cancel in an analytically zero result (e.g. the
+    gradient of |cos| of 1-D tokens, identically 1). When ||ref|| <= 1e-9 zero_scale the reference
+    is such a zero (float64 leaves ~1e-16 zero_scale); fp32 then leaves rounding noise of
+    ~eps32 zero_scale whatever the implementation, and ||got|| <= 8 eps32 zero_scale is required.
+    `fp32_ref` (a thunk) is only evaluated on failure, to say whether the plain fp32 reference is
+    as far off (conditioning) or not (a bug)."""
+    assert got.shape == ref.shape, (what, tuple(got.shape), tuple(ref.shape))
+    assert torch.isfinite(got).all(), f"{what}: non-finite values {got}"
+    err, den = _rel(got, ref)
+    if err <= tol * max(den, ZERO_FLOOR):
+        return
+    if den <= 1e-9 * zero_scale and err <= 8 * EPS32 * zero_scale:
+        return
+    msg = f"{what}: ||fused - ref|| = {err:.3e}, ||ref|| = {den:.3e}, rel = {err / max(den, 1e-300):.3e} > {tol}"
+    if zero_scale:
+        msg += f" (zero_scale {zero_scale:.3e})"
+    if fp32_ref is not None:
+        e32, _ = _rel(fp32_ref(), ref)
+        msg += f"; the fp32 reference's own rel error: {e32 / max(den, 1e-300):.3e}"
+    raise AssertionError(msg)
+
+
+def _randn(gen, shape, scale=1.0):
+    return torch.randn(shape, generator=gen, dtype=F64) * scale
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values in another memory layout: 'contiguous', 'transposed' (the last two dims
+    stored swapped) or 'strided' (every other element of a twice-as-large buffer)."""
+    if layout == "contiguous" or x.dim() < 2:
+        return x.contiguous()
+    if layout == "transposed":
+        return x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    big = torch.zeros(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype)
+    big[..., ::2] = x
+    return big[..., ::2]
+
+
+LAYOUTS = st.sampled_from(["contiguous", "transposed", "strided"])
+DTYPES = st.sampled_from([F32, F16])
+SCALE_EXP = st.floats(-2.0, 2.0, allow_nan=False)
+SEEDS = st.integers(0, 2**31 - 1)
+LABEL_MODES = st.sampled_from(["many", "some_ignored", "one_class", "all_ignored", "distinct"])
+
+
+def _labels(gen, b, n, mode, num_classes, ignore_index, dtype):
+    """B x N labels with values in [0, num_classes) and ignore_index, per `mode`."""
+    if mode == "all_ignored":
+        lab = torch.full((b, n), ignore_index, dtype=torch.long)
+    elif mode == "one_class":
+        lab = torch.full((b, n), int(torch.randint(0, num_classes, (), generator=gen)), dtype=torch.long)
+    elif mode == "distinct":  # every patch its own class: no positive pair
+        lab = torch.arange(n, dtype=torch.long).remainder(max(num_classes, 1)).expand(b, n).clone()
+    else:
+        lab = torch.randint(0, num_classes, (b, n), generator=gen)
+        if mode == "some_ignored":
+            lab[torch.rand(b, n, generator=gen) < 0.3] = ignore_index
+    return lab.to(dtype)
+
+
+def _patched(*patches):
+    stack = contextlib.ExitStack()
+    for obj, name, value in patches:
+        stack.enter_context(mock.patch.object(obj, name, value))
+    return stack
+
+
+# --------------------------------------------------------------------------------------------
+# affinity_loss (L_ptc)
+# --------------------------------------------------------------------------------------------
+AFFINITY_SMALL_BLOCKS = (
+    (k_affinity, "_fwd_config", lambda dev, n, d: dict(block=16, block_d=16, num_warps=4, num_stages=1)),
+    (k_affinity, "_bwd_config",
+     lambda dev, b, n, d: dict(block_m=16, block_n=16, block_d=16, block_do=16, split=2, num_warps=4, num_stages=1)),
+    (k_affinity, "_rows_config", lambda dev: dict(block_r=16, block_d=16, num_warps=4)),
+)
+
+
+@st.composite
+def affinity_cases(draw):
+    b = draw(st.integers(1, 3))
+    n = draw(st.one_of(st.integers(1, 40), st.sampled_from([15, 17, 33, 47, 63, 65])))
+    d = draw(st.one_of(st.integers(1, 40), st.sampled_from([1, 2, 3, 17])))
+    ignore_index = draw(st.sampled_from([255, 255, -1, 0]))
+    label_dtype = draw(st.sampled_from([torch.int64, torch.int32, torch.uint8, torch.int16]))
+    if label_dtype == torch.uint8 and ignore_index < 0:
+        ignore_index = 255
+    return dict(
+        b=b, n=n, d=d, ignore_index=ignore_index, label_dtype=label_dtype,
+        num_classes=draw(st.integers(1, 6)), mode=draw(LABEL_MODES), dtype=draw(DTYPES),
+        u=draw(SCALE_EXP), zero_rows=draw(st.booleans()), layout=draw(LAYOUTS),
+        small_blocks=draw(st.booleans()) and n > 16, seed=draw(SEEDS),
+    )
+
+
+def _affinity_grad_scale(tokens, labels, ignore_index, g_out) -> float:
+    """|| g rn_i 2 sum_j |W_ij| ||: the size of dL/dx before its terms cancel (W = the pair
+    weights -0.5 / (n_pos + 1), 0.5 / (n_neg + 1)); rows of zero tokens have no gradient."""
+    x = tokens.double()
+    norm = x.norm(dim=-1)
+    lab = labels.long()
+    valid = lab != ignore_index
+    pair = valid[:, :, None] & valid[:, None, :] & ~torch.eye(lab.shape[1], dtype=torch.bool)
+    same = lab[:, :, None] == lab[:, None, :]
+    npos, nneg = (pair & same).sum(-1).double(), (pair & ~same).sum(-1).double()
+    w = npos * 0.5 / (npos.sum() + 1) + nneg * 0.5 / (nneg.sum() + 1)
+    rows = torch.where(norm > 0, 2 * g_out * w / norm.clamp_min(1e-300), torch.zeros_like(norm))
+    return rows.norm().item()
+
+
+@_settings(40)
+@given(case=affinity_cases())
+def test_affinity_loss_matches_reference(case):
+    note(repr(case))
+    gen = torch.Generator().manual_seed(case["seed"])
+    b, n, d, dtype = case["b"], case["n"], case["d"], case["dtype"]
+    tokens = _randn(gen, (b, n, d), 10 ** case["u"])
+    if case["zero_rows"]:  # exactly-zero tokens: F.normalize's eps branch, |cos| = 0
+        tokens[torch.rand(b, n, generator=gen) < 0.2] = 0
+    tokens = _layout(tokens.to(dtype), case["layout"])
+    labels = _labels(gen, b, n, case["mode"], case["num_classes"], case["ignore_index"], case["label_dtype"])
+    g_out = 0.5 + torch.rand((), generator=gen, dtype=F64).item()  # the upstream gradient
+
+    x = tokens.detach().clone().requires_grad_()
+    with _patched(*(AFFINITY_SMALL_BLOCKS if case["small_blocks"] else ())):
+        loss = kernels.affinity_loss(x, labels, case["ignore_index"])
+        (grad,) = torch.autograd.grad(loss * g_out, x)
+    assert loss.dtype == F32 and loss.dim() == 0 and grad.dtype == dtype
+
+    x64 = tokens.detach().double().requires_grad_()
+    loss_ref = R.affinity_loss(x64, labels, case["ignore_index"])
+    (grad_ref,) = torch.autograd.grad(loss_ref * g_out, x64)
+
+    def fp32_ref(which):
+        xf = tokens.detach().float().requires_grad_()
+        lf = R.affinity_loss(xf, labels, case["ignore_index"])
+        return lf if which == "loss" else torch.autograd.grad(lf * g_out, xf)[0]
+
+    tol = TOL[dtype]
+    assert_close("loss", loss, loss_ref, tol, functools.partial(fp32_ref, "loss"))
+    assert_close("d tokens", grad, grad_ref, tol, functools.partial(fp32_ref, "grad"),
+                 zero_scale=_affinity_grad_scale(tokens, labels, case["ignore_index"], g_out))
+
+
+# --------------------------------------------------------------------------------------------
+# lir_loss (L_cre)
+# --------------------------------------------------------------------------------------------
+LIR_SMALL_BLOCKS = (
+    (k_lir, "_config",
+     lambda dev, k, n, d: dict(block_k=16, block_n=16, block_d=16, block_do=16, block_t=2, num_warps=4, num_stages=1)),
+)
+
+
+@st.composite
+def lir_cases(draw):
+    b = draw(st.integers(1, 3))
+    k = draw(st.one_of(st.just(1), st.integers(1, 20)))
+    n = draw(st.one_of(st.integers(1, 40), st.sampled_from([15, 17, 33, 47, 63, 65])))
+    d = draw(st.one_of(st.integers(1, 40), st.sampled_from([1, 2, 3, 17])))
+    return dict(
+        b=b, k=k, n=n, d=d, mode=draw(st.sampled_from(["many", "some_ignored", "one_class", "all_ignored",
+                                                         "background"])),
+        present=draw(st.sampled_from(["random", "all", "none"])),
+        cls_dtype=draw(st.sampled_from([torch.int64, F32, torch.bool, torch.uint8])),
+        label_dtype=draw(st.sampled_from([torch.int64, torch.int32, torch.uint8])),
+        temperature=draw(st.floats(0.05, 2.0, allow_nan=False)),
+        # the class tokens are l2-normalized, so their scale only tests the normalization;
+        # the patch tokens' scale sets the logits (|z| up to ~10^(u+2) sqrt(D) / t)
+        uq=draw(SCALE_EXP), up=draw(SCALE_EXP),
+        dtype=draw(DTYPES), mixed=draw(st.booleans()), layout=draw(LAYOUTS),
+        small_blocks=draw(st.booleans()) and (n > 16 or k > 16), seed=draw(SEEDS),
+    )
+
+
+def _lir_grad_scale(q, p, labels, cls, t, g_out) -> float:
+    """|| rq_c / t sum_n |e_cn| ||p_n|| ||: the size of dL/dq before the normalization's projection
+    cancels it (e = g (u / B) (softmax(z) - member / cnt), SPEC 2's L_cre)."""
+    q, p = q.double(), p.double()
+    b, k, _ = q.shape
+    rq = 1 / q.norm(dim=-1).clamp_min(1e-12)
+    z = (q * rq[..., None]) @ p.transpose(1, 2) / t
+    member = (labels.long()[:, None, :] == torch.arange(1, k + 1)[None, :, None]).double()
+    cnt = member.sum(-1, keepdim=True)
+    use = (cls != 0)[..., None] & (cnt > 0)
+    e = torch.where(use, g_out / b * (z.softmax(-1) - member / cnt.clamp_min(1)), torch.zeros_like(z))
+    rows = rq / t * (e.abs() * p.norm(dim=-1)[:, None, :]).sum(-1)
+    return rows.norm().item()
+
+
+@_settings(40)
+@given(case=lir_cases())
+def test_lir_loss_matches_reference(case):
+    note(repr(case))
+    gen = torch.Generator().manual_seed(case["seed"])
+    b, k, n, d, dtype = case["b"], case["k"], case["n"], case["d"], case["dtype"]
+    p_dtype = F32 if case["mixed"] else dtype  # mixed: fp16 class tokens with fp32 patch tokens
+    q = _layout(_randn(gen, (b, k, d), 10 ** case["uq"]).to(dtype), case["layout"])
+    p = _layout(_randn(gen, (b, n, d), 10 ** case["up"]).to(p_dtype), case["layout"])
+    if case["mode"] == "background":
+        labels = torch.zeros(b, n, dtype=torch.long)
+    else:
+        labels = _labels(gen, b, n, case["mode"], k + 1, 255, torch.long)  # 0 = background, c + 1 = class c
+    labels = labels.to(case["label_dtype"])
+    if case["present"] == "all":
+        cls = torch.ones(b, k)
+    elif case["present"] == "none":
+        cls = torch.zeros(b, k)
+    else:
+        cls = (torch.rand(b, k, generator=gen) < 0.6).double()
+    cls = cls.to(case["cls_dtype"])
+    t = case["temperature"]
+    g_out = 0.5 + torch.rand((), generator=gen, dtype=F64).item()
+
+    qx = q.detach().clone().requires_grad_()
+    px = p.detach().clone().requires_grad_()
+    with _patched(*(LIR_SMALL_BLOCKS if case["small_blocks"] else ())):
+        loss = kernels.lir_loss(qx, px, labels, cls, t)
+        (grad,) = torch.autograd.grad(loss * g_out, qx)
+    assert loss.dtype == F32 and loss.dim() == 0 and grad.dtype == dtype
+    assert px.grad is None  # the patch tokens are detached (SPEC 2)
+
+    q64 = q.detach().double().requires_grad_()
+    loss_ref = R.lir_loss(q64, p.double(), labels, cls, t)
+    (grad_ref,) = torch.autograd.grad(loss_ref * g_out, q64)
+
+    def fp32_ref(which):
+        qf = q.detach().float().requires_grad_()
+        lf = R.lir_loss(qf, p.float(), labels, cls, t)
+        return lf if which == "loss" else torch.autograd.grad(lf * g_out, qf)[0]
+
+    tol = TOL[dtype]
+    assert_close("loss", loss, loss_ref, tol, functools.partial(fp32_ref, "loss"))
+    assert_close("d cls_tokens", grad, grad_ref, tol, functools.partial(fp32_ref, "grad"),
+                 zero_scale=_lir_grad_scale(q, p, labels, cls, t, g_out))
+
+
+# --------------------------------------------------------------------------------------------
+# gcr_aggregate
+# --------------------------------------------------------------------------------------------
+def _gcr_forward_small_top_k_tiles(*args, **kwargs):
+    kwargs.setdefault("block_l", 16)  # several top-k tiles merged per row
+    return _GCR_FORWARD(*args, **kwargs)
+
+
+_GCR_FORWARD = k_gcr._forward
+
+
+@st.composite
+def gcr_cases(draw):
+    b = draw(st.integers(1, 2))
+    ncls = draw(st.one_of(st.just(1), st.integers(1, 12)))
+    n = draw(st.one_of(st.just(0), st.integers(0, 40)))
+    nodes = ncls + n
+    k = draw(st.one_of(st.just(1), st.just(nodes), st.integers(1, nodes)))
+    d = draw(st.one_of(st.integers(1, 40), st.sampled_from([1, 2, 3, 17])))
+    return dict(
+        b=b, ncls=ncls, n=n, k=k, d=d, score=draw(st.sampled_from(["published", "dot"])),
+        # relative to 0.5 / D^(1/4), the scale of tests/test_kernel_gcr.py. fp32 gradients of
+        # a = softmax(s) carry ~1e-7 max|s| relative error in any implementation (the
+        # reference's own fp32 autograd included, measured in test_kernel_gcr.py), and |s|
+        # grows as scale^2 ("dot") to scale^2 D ("published"): above x 10^0.3 the fp32
+        # reference itself misses 1e-5, so larger scales test conditioning, not the kernels.
+        u=draw(st.floats(-2.0, 0.3, allow_nan=False)),
+        dtype=draw(DTYPES), layout=draw(LAYOUTS), small_tiles=draw(st.booleans()) and nodes > 16,
+        seed=draw(SEEDS),
+    )
+
+
+@_settings(30)
+@given(case=gcr_cases())
+def test_gcr_aggregate_matches_reference(case):
+    note(repr(case))
+    gen = torch.Generator().manual_seed(case["seed"])
+    b, ncls, n, k, d, dtype = case["b"], case["ncls"], case["n"], case["k"], case["d"], case["dtype"]
+    scale = 0.5 / d ** 0.25 * 10 ** case["u"]
+    h = _layout(_randn(gen, (b, ncls, d), scale).to(dtype), case["layout"])
+    e = _layout(_randn(gen, (b, ncls + n, d), scale).to(dtype), case["layout"])
+    gm = _randn(gen, (b, ncls, d)).to(dtype)
+
+    # The top-k boundary: when the k-th and (k+1)-th logits are closer than fp32 rounding of
+    # A (or tie exactly, e.g. equal fp16 nodes), either selection is right and the two
+    # implementations may pick differently; such draws say nothing about the kernels.
+    if k < ncls + n:
+        h64, e64 = h.double(), e.double()
+        logits = h64 @ e64.transpose(1, 2) / math.sqrt(d)
+        top = logits.topk(k + 1, dim=-1).values
+        gap = top[..., k - 1] - top[..., k]
+        bound = h64.norm(dim=-1) * e64.norm(dim=-1).amax(dim=-1, keepdim=True) / math.sqrt(d)
+        assume(bool((gap > 1e-5 * bound).all()))
+
+    hx = h.detach().clone().requires_grad_()
+    ex = e.detach().clone().requires_grad_()
+    patch = ((k_gcr, "_forward", _gcr_forward_small_top_k_tiles),) if case["small_tiles"] else ()
+    with _patched(*patch):
+        m = kernels.gcr_aggregate(hx, ex, k, case["score"])
+        dh, de = torch.autograd.grad(m, (hx, ex), gm)
+    assert m.dtype == dtype and dh.dtype == dtype and de.dtype == dtype
+
+    h64 = h.detach().double().requires_grad_()
+    e64 = e.detach().double().requires_grad_()
+    m_ref = R.gcr_aggregate(h64, e64, k, case["score"])
+    dh_ref, de_ref = torch.autograd.grad(m_ref, (h64, e64), gm.double())
+
+    def fp32_ref(i):
+        hf = h.detach().float().requires_grad_()
+        ef = e.detach().float().requires_grad_()
+        mf = R.gcr_aggregate(hf, ef, k, case["score"])
+        return (mf, *torch.autograd.grad(mf, (hf, ef), gm.float()))[i]
+
+    tol = TOL[dtype]
+    assert_close("M", m, m_ref, tol, functools.partial(fp32_ref, 0))
+    assert_close("d h", dh, dh_ref, tol, functools.partial(fp32_ref, 1))
+    assert_close("d e", de, de_ref, tol, functools.partial(fp32_ref, 2))
+
+
+# --------------------------------------------------------------------------------------------
+# class_patch_attention
+# --------------------------------------------------------------------------------------------
+def _attention_small_blocks(num_cls, head_dim, block_m, block_n):
+    return _ATTENTION_BLOCKS(num_cls, head_dim, block_m or 16, block_n or 16)
+
+
+_ATTENTION_BLOCKS = k_attention._blocks
+
+
+@st.composite
+def attention_cases(draw):
+    reduce = draw(st.sampled_from(["mean_softmax", "sum_logits"]))
+    return dict(
+        b=draw(st.integers(1, 2)), heads=draw(st.integers(1, 4)),
+        num_prefix=draw(st.one_of(st.just(0), st.integers(0, 5))),
+        num_cls=draw(st.one_of(st.just(1), st.integers(1, 24))),
+        n=draw(st.one_of(st.just(1), st.integers(1, 70))),
+        d=draw(st.one_of(st.integers(1, 40), st.sampled_from([1, 3, 17, 64]))),
+        reduce=reduce,
+        # mean_softmax: the probabilities carry ~1e-7 |s| relative error from the fp32 logits
+        # in any fp32 implementation, so |s| = |q.k| / sqrt(d) is kept below ~100 (unit
+        # q, k times 10^0.5 each: |s| ~ 10 N(0, 1)); sum_logits is linear: any scale.
+        u=draw(st.floats(-2.0, 0.5 if reduce == "mean_softmax" else 2.0, allow_nan=False)),
+        dtype=draw(DTYPES), layout=draw(LAYOUTS), small_blocks=draw(st.booleans()), seed=draw(SEEDS),
+    )
+
+
+@_settings(40)
+@given(case=attention_cases())
+def test_class_patch_attention_matches_reference(case):
+    note(repr(case))
+    gen = torch.Generator().manual_seed(case["seed"])
+    p, c = case["num_prefix"], case["num_cls"]
+    shape = (case["b"], case["heads"], p + c + case["n"], case["d"])
+    dtype = case["dtype"]
+    q = _layout(_randn(gen, shape, 10 ** case["u"]).to(dtype), case["layout"])
+    k = _layout(_randn(gen, shape, 10 ** case["u"]).to(dtype), case["layout"])
+    patch = ((k_attention, "_blocks", _attention_small_blocks),) if case["small_blocks"] else ()
+    with _patched(*patch):
+        out = kernels.class_patch_attention(q, k, p, c, case["reduce"])
+    assert out.dtype == F32 and out.shape == (case["b"], c, case["n"])
+    ref = R.class_patch_attention(q.double(), k.double(), p, c, case["reduce"])
+    assert_close("map", out, ref, TOL[dtype],
+                 lambda: R.class_patch_attention(q.float(), k.float(), p, c, case["reduce"]))
+    if case["reduce"] == "mean_softmax":  # probabilities: the map is in [0, 1] and sums to <= 1 over N
+        assert out.min() >= 0 and out.sum(-1).max() <= 1 + 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# par_refine
+# --------------------------------------------------------------------------------------------
+@st.composite
+def par_cases(draw):
+    dilations = draw(st.lists(st.integers(1, 30), min_size=1, max_size=3))
+    return dict(
+        b=draw(st.integers(1, 2)), c=draw(st.one_of(st.just(1), st.integers(1, 5))),
+        h=draw(st.integers(1, 13)), w=draw(st.integers(1, 13)),
+        dilations=dilations, num_iter=draw(st.integers(0, 3)),
+        image=draw(st.sampled_from(["uniform", "levels", "constant", "flat_channel"])),
+        u=draw(SCALE_EXP), masks=draw(st.sampled_from(["probs", "signed"])),
+        dtype=draw(DTYPES), layout=draw(LAYOUTS), seed=draw(SEEDS),
+    )
+
+
+def _par_image(gen, b, h, w, mode, scale):
+    """0..255 RGB times `scale`; 'levels': 3 grey levels per channel (many equal neighbours,
+    zero std); 'constant': one value; 'flat_channel': one channel constant."""
+    img = torch.rand(b, 3, h, w, generator=gen, dtype=F64) * 255
+    if mode == "levels":
+        img = torch.randint(0, 3, (b, 3, h, w), generator=gen).double() * 127.5
+    elif mode == "constant":
+        img = torch.full((b, 3, h, w), 97.0, dtype=F64)
+    elif mode == "flat_channel":
+        img[:, 1] = 31.0
+    return img * scale
+
+
+@_settings(25)
+@given(case=par_cases())
+def test_par_refine_matches_reference(case):
+    note(repr(case))
+    gen = torch.Generator().manual_seed(case["seed"])
+    b, c, h, w, dtype = case["b"], case["c"], case["h"], case["w"], case["dtype"]
+    image = _layout(_par_image(gen, b, h, w, case["image"], 10 ** case["u"]).to(dtype), case["layout"])
+    masks = _randn(gen, (b, c, h, w), 2.0)
+    masks = masks.softmax(1) if case["masks"] == "probs" else masks
+    masks = _layout(masks.to(dtype), case["layout"])
+    out = kernels.par_refine(image, masks, case["dilations"], case["num_iter"])
+    assert out.dtype == F32 and not out.requires_grad
+    ref = R.par_refine(image.double(), masks.double(), case["dilations"], case["num_iter"])
+    assert_close("refined masks", out, ref, TOL[dtype],
+                 lambda: R.par_refine(image.float(), masks.float(), case["dilations"], case["num_iter"]))
+
+
+# --------------------------------------------------------------------------------------------
+# dense_energy_loss (L_reg / 1e-7)
+# --------------------------------------------------------------------------------------------
+@st.composite
+def energy_cases(draw):
+    return dict(
+        b=draw(st.integers(1, 2)), c=draw(st.one_of(st.just(1), st.integers(1, 5))),
+        h=draw(st.integers(1, 13)), w=draw(st.integers(1, 13)),
+        sigma_rgb=10 ** draw(st.floats(0.0, 2.0, allow_nan=False)),  # 1 .. 100
+        sigma_xy=10 ** draw(st.floats(-0.3, 2.0, allow_nan=False)),  # 0.5 .. 100
+        gate=draw(st.sampled_from(["random", "ones", "zeros", "band"])),
+        u=draw(SCALE_EXP),  # softmax temperature of the probabilities: 10^-2 flat .. 10^2 one-hot
+        dtype=draw(DTYPES), layout=draw(LAYOUTS), small_blocks=draw(st.booleans()), seed=draw(SEEDS),
+    )
+
+
+@_settings(30)
+@given(case=energy_cases())
+def test_dense_energy_loss_matches_reference(case):
+    note(repr(case))
+    gen = torch.Generator().manual_seed(case["seed"])
+    b, c, h, w, dtype = case["b"], case["c"], case["h"], case["w"], case["dtype"]
+    image = _layout((torch.rand(b, 3, h, w, generator=gen, dtype=F64) * 255).to(dtype), case["layout"])
+    probs = _layout(_randn(gen, (b, c, h, w), 10 ** case["u"]).softmax(1).to(dtype), case["layout"])
+    if case["gate"] == "ones":
+        gate = torch.ones(b, h, w, dtype=F64)
+    elif case["gate"] == "zeros":
+        gate = torch.zeros(b, h, w, dtype=F64)
+    else:
+        gate = torch.rand(b, h, w, generator=gen, dtype=F64)
+        gate[gate < 0.2] = 0
+        if case["gate"] == "band":
+            gate[:, : (h + 1) // 2] = 0  # outside the crop
+    gate = _layout(gate.to(dtype), case["layout"])
+    sr, sx = case["sigma_rgb"], case["sigma_xy"]
+    g_out = 0.5 + torch.rand((), generator=gen, dtype=F64).item()
+
+    px = probs.detach().clone().requires_grad_()
+    patch = ((k_energy, "_BLOCK_P", 16), (k_energy, "_BLOCK_Q", 16)) if case["small_blocks"] else ()
+    with _patched(*patch):
+        loss = kernels.dense_energy_loss(image, px, gate, sr, sx)
+        (grad,) = torch.autograd.grad(loss * g_out, px)
+    assert loss.dtype == F32 and loss.dim() == 0 and grad.dtype == dtype
+
+    p64 = probs.detach().double().requires_grad_()
+    loss_ref = R.dense_energy_loss(image.double(), p64, gate.double(), sr, sx)
+    (grad_ref,) = torch.autograd.grad(loss_ref * g_out, p64)
+
+    def fp32_ref(which):
+        pf = probs.detach().float().requires_grad_()
+        lf = R.dense_energy_loss(image.float(), pf, gate.float(), sr, sx)
+        return lf if which == "loss" else torch.autograd.grad(lf * g_out, pf)[0]
+
+    tol = TOL[dtype]
+    assert_close("E", loss, loss_ref, tol, functools.partial(fp32_ref, "loss"))
+    assert_close("d probs", grad, grad_ref, tol, functools.partial(fp32_ref, "grad"))
