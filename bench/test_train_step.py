@@ -93,6 +93,23 @@ def _free() -> None:
 
 
 @pytest.fixture(autouse=True)
+def _one_cpu_thread():
+    """On the CPU, one intra-op thread: the 2-core machines this runs on are shared, and with 2
+    threads a step of many small ops stalls on thread barriers whenever another process holds a
+    core (measured on such a machine, same minute: 0.3 s per training step with 1 thread, 1 to
+    36 s with 2). extra_info records the thread count."""
+    if CUDA:
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.fixture(autouse=True)
 def _room_for_recompiles():
     """The compiled backbone sees one input shape per CAM scale; keep it compiled rather than
     falling back to eager at the default recompile limit."""
@@ -151,8 +168,11 @@ def test_train_step(benchmark, pipeline):
             loss_terms=sorted(terms),
             nonfinite_terms=nonfinite,
             warmup_steps=WARMUP[pipeline],
+            float32_matmul_precision=torch.get_float32_matmul_precision(),
             **software_info(),
         )
+        if not CUDA:
+            info["threads"] = torch.get_num_threads()
         if not CUDA and pipeline in CPU_NOTES:
             info["note"] = CPU_NOTES[pipeline]
         RESULTS[pipeline] = {"img_per_s": B / median, "step_ms": median * 1e3}

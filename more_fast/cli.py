@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-list", help="file listing the training images (overrides ImageSets/Segmentation/<split>.txt)")
     p.add_argument("--backbone", help="timm ViT name (default: vit_tiny_patch16_224; voc/coco: vit_base_patch16_224)")
     p.add_argument("--depth", type=_positive_int, help="number of ViT blocks (default: the named model's)")
+    p.add_argument("--patch-size", type=_positive_int, help="ViT patch size (default: the named model's)")
     p.add_argument("--pretrained", help="local timm ViT checkpoint (.pth or .safetensors); nothing is downloaded")
     p.add_argument("--iters", type=_positive_int, help="iterations to run")
     p.add_argument("--schedule-iters", type=_positive_int,
@@ -57,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_non_negative_int, help="DataLoader workers")
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--num-classes", type=_positive_int, help="synthetic only: number of classes (1..6)")
+    p.add_argument("--cam-scales", type=lambda t: tuple(float(v) for v in t.split(",")),
+                   help="comma-separated scales of the multi-scale CAM (default: the recipe's)")
     p.add_argument("--eval-bkg", type=float, help="background score of the CAM/LAM label maps in evaluation")
     p.add_argument("--on-nonfinite", choices=("stop", "skip"),
                    help="stop (default) or skip the step on a non-finite loss (skip syncs every step)")
@@ -65,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _FLAG_TO_FIELD = {"batch_size": "batch_size", "crop_size": "crop_size", "eval_every": "eval_every",
                   "log_every": "log_every", "data_root": "data_root", "split_list": "split_list",
-                  "schedule_iters": "schedule_iters", "num_classes": "num_classes", "eval_bkg": "eval_bkg",
+                  "schedule_iters": "schedule_iters", "patch_size": "patch_size", "cam_scales": "cam_scales", "num_classes": "num_classes", "eval_bkg": "eval_bkg",
                   "on_nonfinite": "on_nonfinite"}
 
 
@@ -85,6 +88,10 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     values["compile"] = args.compile
     if "out" not in values:
         values["out"] = args.resume if args.resume else f"runs/{args.data}"
+    patch = args.patch_size or 16
+    crop = args.crop_size if args.crop_size is not None else values.get("crop_size", TrainConfig.crop_size)
+    if crop % patch:
+        parser.error(f"--crop-size: expected a multiple of the patch size {patch}, got {crop}")
     if args.data != "synthetic" and args.num_classes is not None:
         parser.error("--num-classes: only for --data synthetic (voc has 20 classes, coco 80)")
     if args.data != "synthetic" and not args.data_root:

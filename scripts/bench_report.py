@@ -167,8 +167,10 @@ def speedup(bench: dict, baselines: dict) -> str:
     return f"{base_ms / mine:.2f}x vs {base_variant}"
 
 
-def notes(info: dict) -> str:
+def notes(info: dict, threads=None) -> str:
     parts = []
+    if info.get("device") == "cpu" and info.get("threads") is not None and info["threads"] != threads:
+        parts.append(f"{info['threads']} CPU thread{'s' if info['threads'] != 1 else ''}")
     if info.get("img_per_s") is not None:
         parts.append(f"{_num(info['img_per_s'])} img/s")
     if info.get("MFU_pct") is not None:
@@ -244,6 +246,8 @@ def render(data: dict, command: Optional[str] = None, failed: Sequence[tuple[str
             if old is None or BASELINES.index(variant) < BASELINES.index(old[1]):
                 baselines[key] = (median_ms(bench), variant)
     lines = [header(data, command), ""]
+    first = next((b.get("extra_info") or {} for b in benches if (b.get("extra_info") or {}).get("device")), {})
+    header_threads = first.get("threads")
     if benches:
         lines.append("| " + " | ".join(COLUMNS) + " |")
         lines.append("|" + "|".join(" --- " for _ in COLUMNS) + "|")
@@ -252,7 +256,8 @@ def render(data: dict, command: Optional[str] = None, failed: Sequence[tuple[str
             ms = median_ms(bench)
             row = (test_name(bench), info.get("variant", bench.get("param") or ""), info.get("pass_", ""),
                    format_shape(info.get("shape")), _num(ms) if ms is not None else "-",
-                   throughput(info) or "-", peak_memory(info), speedup(bench, baselines), notes(info) or "")
+                   throughput(info) or "-", peak_memory(info), speedup(bench, baselines),
+                   notes(info, header_threads) or "")
             lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
     else:
         lines.append("No benchmark results in the input.")

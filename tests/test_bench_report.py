@@ -95,7 +95,7 @@ def test_cpu_header_overhead_note_and_missing_reference(tmp_path):
         _bench("test_vit_forward[sdpa+extract-64]", 0.0021, variant="sdpa+extract", pass_="fwd", shape=shape,
                overhead_vs_sdpa_pct=5.0, **cpu),
         _bench("test_train_step[fast]", 2.0, variant="fast", pass_="train_step", shape={"B": 2},
-               speedup_vs_reference=None, **cpu),
+               speedup_vs_reference=None, **dict(cpu, threads=1)),
     ])
     text = report.render(report.load([str(path)]))
     assert text.startswith("**Device**: CPU (2 threads) | date 2026-01-02 03:04 UTC")
@@ -104,6 +104,7 @@ def test_cpu_header_overhead_note_and_missing_reference(tmp_path):
     assert sdpa[7] == "2.00x vs explicit"
     assert extract[8] == "+5.0% vs sdpa"
     assert fast[7] == "n/a (no reference in the run)"
+    assert fast[8] == "1 CPU thread" and explicit[8] == ""
 
 
 def test_pipes_escaped_and_empty_input(tmp_path):
@@ -155,3 +156,30 @@ def test_main_merges_writes_and_reports_missing(tmp_path, gpu_json, capsys):
     captured = capsys.readouterr()
     assert "empty.json" in captured.err and "(skipped)" in captured.err
     assert len(_rows(captured.out)) == 2
+
+
+# ------------------------------------------------------------------ scripts/gpu_check.sh (no GPU work)
+def test_gpu_check_script_parses():
+    import subprocess
+
+    subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")], check=True)
+
+
+def test_gpu_check_stops_without_cuda(tmp_path):
+    """Without a GPU it prints the versions and stops with exit 2, leaving its console log."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the script would run the whole check")
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, GPU_CHECK_SKIP="install")
+    env.pop("GPU_CHECK_ALLOW_CPU", None)
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "no CUDA device" in proc.stdout and "torch " in proc.stdout
+    assert (tmp_path / "gpu_check.log").read_text().count("stopping") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.log"]

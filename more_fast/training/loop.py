@@ -123,6 +123,7 @@ class TrainStep:
 
     def __init__(self, model: MoReNet, cfg: TrainConfig, device: torch.device, wrapped=None):
         self.model, self.cfg, self.device = model, cfg, device
+        os.environ["MORE_FAST_KERNELS"] = cfg.kernels  # the fused-op backend, read at every op call
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.amp_dtype, self.amp_note = resolve_amp(cfg, device)
