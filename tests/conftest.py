@@ -1,15 +1,15 @@
 """Test setup: the Triton interpreter must be on before anything imports triton."""
 import os
 
-import torch  # noqa: E402  (torch does not import triton)
-
-if not torch.cuda.is_available():  # on a GPU the gpu-marked tests run the compiled kernels
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 # the interpreter's tl.dot goes through numpy: BLAS threads fighting over 2 cores slow it 30x
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+import torch  # noqa: E402  (importing torch does not import triton)
+
+if not torch.cuda.is_available():  # on a GPU the gpu-marked tests run the compiled kernels
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
