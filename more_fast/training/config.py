@@ -28,9 +28,9 @@ class TrainConfig:
     patch_size: Optional[int] = 8  # ViT patch size; None: the named model's (16)
     attn_impl: str = "sdpa"  # sdpa (fused attention) | explicit (the published way, for baselines)
     # schedule
-    iters: int = 300  # iterations to run (VOC: 20,000)
+    iters: int = 800  # iterations to run (VOC: 20,000)
     schedule_iters: Optional[int] = None  # length of the LR schedule and loss phases; None: max(iters, recipe_iters)
-    recipe_iters: int = 300  # the recipe's own length (synthetic 300, VOC 20,000, COCO 80,000)
+    recipe_iters: int = 800  # the recipe's own length (synthetic 800, VOC 20,000, COCO 80,000)
     batch_size: int = 8  # VOC: 4
     backbone_lr: float = 5e-4  # backbone weights and norms (VOC: 6e-5 from pretrained; here from scratch)
     head_lr: float = 2e-3  # classifiers, GCR, decoder (VOC: 6e-4)
@@ -52,8 +52,8 @@ class TrainConfig:
     cam_scales: tuple = (1.0, 0.5)  # VOC (1.0, 0.5, 0.75, 1.5); COCO adds 1.25
     reference_iters: int = 20000  # the recipe's length that the thresholds above refer to
     # evaluation and output
-    eval_every: int = 300
-    log_every: int = 20
+    eval_every: int = 400
+    log_every: int = 50
     eval_bkg: float = 0.45  # background score for CAM / aux CAM / LAM label maps in evaluation
     num_panels: int = 4  # PNG panels written at each evaluation
     out: str = "runs/default"

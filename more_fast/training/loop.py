@@ -347,9 +347,10 @@ class Trainer:
                 lr = groups[0]["lr"], groups[2]["lr"]
                 mfu = f" | MFU {100 * flops / sec_per_it / peak:.1f}%" if peak else ""
                 parts = " ".join(f"{k} {values[k]:.4f}" for k in TERMS if k in values)
+                first = done == self.start_iter + 1  # its time includes compilation and warm-up
+                eta = "n/a (first step)" if first else format_eta(sec_per_it * (cfg.iters - done))
                 self.log(f"it {done:>6}/{cfg.iters} | loss {values['loss']:.4f} ({parts}) | lr {lr[0]:.2e}/{lr[1]:.2e} | "
-                         f"{ips:.1f} img/s | {flops / sec_per_it / 1e12:.3f} TFLOP/s{mfu} | "
-                         f"ETA {format_eta(sec_per_it * (cfg.iters - done))}")
+                         f"{ips:.1f} img/s | {flops / sec_per_it / 1e12:.3f} TFLOP/s{mfu} | ETA {eta}")
                 self._write_metrics({"iter": done, **values, "lr": lr[0], "img_per_s": ips,
                                      "skipped": self.trainer.skipped, **gpu_telemetry(self.device)})
             if done % cfg.eval_every == 0 or done == cfg.iters:
