@@ -195,8 +195,8 @@ EMPTY_CASES = [
     ("par-B0", lambda: _par(image=torch.rand(0, 3, 8, 8), masks=torch.rand(0, 2, 8, 8))),
     ("par-H0", lambda: _par(image=torch.rand(1, 3, 0, 8), masks=torch.rand(1, 2, 0, 8))),
     ("par-C0", lambda: _par(masks=torch.rand(1, 0, 8, 8))),
-    ("energy-B0", lambda: _energy(image=torch.rand(0, 3, 8, 8), probs=torch.rand(0, 2, 8, 8), gate=torch.rand(0, 8, 8))),
-    ("energy-H0", lambda: _energy(image=torch.rand(1, 3, 0, 8), probs=torch.rand(1, 2, 0, 8), gate=torch.rand(1, 0, 8))),
+    ("energy-B0", lambda: _energy(torch.rand(0, 3, 8, 8), torch.rand(0, 2, 8, 8), torch.rand(0, 8, 8))),
+    ("energy-H0", lambda: _energy(torch.rand(1, 3, 0, 8), torch.rand(1, 2, 0, 8), torch.rand(1, 0, 8))),
     ("energy-C0", lambda: _energy(probs=torch.rand(1, 0, 8, 8))),
 ]
 _ARG_NAMES = r"^(tokens|labels|cls_tokens|patch_tokens|cls_labels|h|e|q|k|image|masks|probs|gate):"
