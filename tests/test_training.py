@@ -169,3 +169,27 @@ def test_nonfinite_loss_skip_mode_counts_and_goes_on(tmp_path, monkeypatch):
     assert t.trainer.skipped == 2
     assert all(torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
     assert _read_metrics(cfg.out)[-2]["skipped"] == 2
+
+
+@pytest.mark.gpu
+def test_cuda_training_step_has_no_host_sync(tmp_path):
+    """Issue 7: no device-to-host transfer or synchronization inside a (non-logging) step.
+
+    torch.cuda.set_sync_debug_mode("error") raises on every synchronizing CUDA call (item(),
+    nonzero, a blocking copy to the host, ...) made while it is on."""
+    cfg = tiny_cfg(tmp_path, device="cuda", kernels="auto", amp=True)
+    device = torch.device("cuda")
+    model = MoReNet("vit_tiny_patch16_224", num_classes=3, depth=3, decoder_dim=16).to(device)
+    step = TrainStep(model, cfg, device)
+    batch = {"image": torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8).pin_memory(),
+             "cls_label": torch.tensor([[1.0, 0, 1], [0, 1, 0]]).pin_memory()}
+    it = cfg.scaled("seg_start") + 1  # every loss, PAR and the energy kernel run
+    step.step(it, batch)  # first call: kernel compilation and allocator warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        total, terms = step.step(it + 1, batch)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert set(terms) == {"cls", "aux", "mct", "ptc", "cre", "ure", "seg", "reg"}
+    assert torch.isfinite(total).item()
