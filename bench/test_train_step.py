@@ -37,7 +37,7 @@ import kernels
 from common import DEVICE, measure, software_info, sync
 
 from more_fast.model.network import MoReNet
-from more_fast.training.config import TrainConfig
+from more_fast.training.config import VOC_RECIPE, TrainConfig
 from more_fast.training.loop import TERMS, TrainStep, loss_weights
 from more_fast.training.telemetry import peak_flops, step_flops
 
@@ -78,8 +78,9 @@ def make_batch(seed: int = 0) -> dict:
 
 
 def make_config(pipeline: str) -> TrainConfig:
-    return TrainConfig(backbone=BACKBONE, num_classes=K, num_registers=R, crop_size=CROP, batch_size=B,
-                       cam_scales=SCALES, device=DEVICE.type, **PIPELINES[pipeline])
+    recipe = {**VOC_RECIPE, "data": "synthetic"}  # the published step: ViT widths, decoder, L_reg scale
+    return TrainConfig(**{**recipe, "backbone": BACKBONE, "num_classes": K, "num_registers": R, "crop_size": CROP,
+                          "batch_size": B, "cam_scales": SCALES, "device": DEVICE.type, **PIPELINES[pipeline]})
 
 
 def _sig(x: float, digits: int = 4) -> float:
@@ -125,7 +126,8 @@ def test_train_step(benchmark, pipeline):
     os.environ["MORE_FAST_KERNELS"] = cfg.kernels  # TrainStep reads the backend from the env (as Trainer sets it)
     torch.manual_seed(0)
     model = MoReNet(cfg.backbone, cfg.num_classes, cfg.num_registers, cfg.topk_ratio, cfg.gcr_score,
-                    attn_impl=cfg.attn_impl).to(DEVICE).train()
+                    attn_impl=cfg.attn_impl, depth=cfg.depth, decoder_dim=cfg.decoder_dim,
+                    patch_size=cfg.patch_size).to(DEVICE).train()
     trainer = TrainStep(model, cfg, DEVICE)
     batch = make_batch()
     it = cfg.total_iters // 2
@@ -150,7 +152,7 @@ def test_train_step(benchmark, pipeline):
         assert set(terms) == {t for t in TERMS if t in weights}, sorted(terms)
         nonfinite = [name for name, value in terms.items() if not bool(torch.isfinite(value))]
         m = model.encoder
-        flops = step_flops(CROP, B, m.embed_dim, len(m.blocks), m.num_prefix, K, SCALES, m.patch_size)
+        flops = step_flops(CROP, B, m.embed_dim, len(m.blocks), m.num_prefix, K, SCALES, m.patch_size, cfg.decoder_dim)
         median = benchmark.stats.stats.median
         peak = peak_flops(DEVICE)
         info.update(

@@ -42,11 +42,11 @@ interpreter, where bf16 tl.dot is broken). fp64 tokens are computed in fp32. The
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
+from ._launch import device_ctx as _device_ctx, f32_precision as _f32_precision, pow2_clamp as _pow2_clamp
 
 NORM_EPS = 1e-8  # F.normalize eps of SPEC 2 (ToCo)
 
@@ -283,17 +283,6 @@ def _affinity_norm_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _f32_precision(device: torch.device) -> str:
-    """fp32-accurate tl.dot: 3xTF32 on NVIDIA tensor cores (sm80+), IEEE FMA elsewhere."""
-    if device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 8:
-        return "tf32x3"
-    return "ieee"
-
-
 def _dot_config(dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
     """(upcast the tokens to fp32 before tl.dot, input_precision) for the <x_i, x_j> tiles."""
     if dtype == torch.float16:
@@ -302,10 +291,6 @@ def _dot_config(dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
         # bf16 values are exact in tf32; the interpreter's bf16 tl.dot is broken, so always upcast
         return True, "tf32" if device.type == "cuda" else "ieee"
     return True, _f32_precision(device)  # fp32 (and fp64, computed in fp32)
-
-
-def _pow2_clamp(x: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
 
 
 def _fwd_config(device: torch.device, n: int, d: int) -> dict:

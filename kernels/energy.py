@@ -19,11 +19,12 @@ deterministically: one partial per program, then a fixed-order sum.
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
+from ._launch import device_ctx as _device_ctx
+from ._launch import f32_precision as _dot_precision
 
 __all__ = ["dense_energy_loss"]
 
@@ -126,17 +127,6 @@ _BLOCK_Q = 64
 _MAX_BLOCK_C = 128
 _BWD_BLOCK = 1024
 _LOG2E = 1.4426950408889634
-
-
-def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _dot_precision(device: torch.device) -> str:
-    """fp32-accurate tl.dot: 3xTF32 on NVIDIA tensor cores (sm80+), plain FMA elsewhere."""
-    if device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 8:
-        return "tf32x3"
-    return "ieee"
 
 
 def _energy_forward(image, probs, gate, sigma_rgb: float, sigma_xy: float):

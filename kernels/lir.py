@@ -33,11 +33,11 @@ where bf16 tl.dot is broken). fp64 is computed in fp32. The loss is fp32.
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
+from ._launch import device_ctx as _device_ctx, f32_precision as _f32_precision, pow2_clamp as _pow2_clamp
 
 NORM_EPS = 1e-12  # F.normalize default
 
@@ -209,17 +209,6 @@ def _lir_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _f32_precision(device: torch.device) -> str:
-    """fp32-accurate tl.dot: 3xTF32 on NVIDIA tensor cores (sm80+), IEEE FMA elsewhere."""
-    if device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 8:
-        return "tf32x3"
-    return "ieee"
-
-
 def _dot_config(q_dtype: torch.dtype, p_dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
     """(upcast both operands to fp32 before tl.dot, input_precision) for the logits."""
     if q_dtype == p_dtype == torch.float16:
@@ -227,10 +216,6 @@ def _dot_config(q_dtype: torch.dtype, p_dtype: torch.dtype, device: torch.device
     if q_dtype == p_dtype == torch.bfloat16 and device.type == "cuda":
         return True, "tf32"  # bf16 values are exact in tf32 (the interpreter's bf16 tl.dot is broken)
     return True, _f32_precision(device)
-
-
-def _pow2_clamp(x: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
 
 
 def _config(device: torch.device, k: int, n: int, d: int) -> dict:

@@ -21,7 +21,6 @@ its inputs, so the refined masks never require grad.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from typing import Sequence
@@ -29,6 +28,7 @@ from typing import Sequence
 import torch
 import triton
 import triton.language as tl
+from ._launch import device_ctx as _device_ctx
 
 __all__ = ["par_refine", "par_affinity_triton"]
 
@@ -139,10 +139,6 @@ def _par_step_kernel(
 # --------------------------------------------------------------------------------------------
 _AFF_BLOCK_P = 64
 _STEP_BLOCK_P = 128
-
-
-def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _offsets(dilations: Sequence[int]) -> list[tuple[int, int]]:

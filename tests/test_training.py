@@ -11,7 +11,7 @@ import kernels
 from more_fast.cli import config_from_args
 from more_fast.model import MoReNet
 from more_fast.training import TrainConfig, Trainer, build_optimizer, build_scheduler, loss_weights, lr_factor
-from more_fast.training.loop import TrainStep, compute_losses
+from more_fast.training.loop import TrainStep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

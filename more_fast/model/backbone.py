@@ -8,7 +8,6 @@ materializes the attention as the published code does (the baseline of the bench
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 

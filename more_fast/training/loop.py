@@ -12,7 +12,6 @@ import json
 import math
 import os
 import pathlib
-import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
