@@ -79,7 +79,7 @@ def check_affinity_loss(tokens, labels, ignore_index) -> None:
             f"got {tuple(labels.shape)}"
         )
     same_device(tokens=tokens, labels=labels)
-    integer("ignore_index", ignore_index, -(2**31))
+    integer("ignore_index", ignore_index, -(2**31), 2**31 - 1)
 
 
 def check_lir_loss(cls_tokens, patch_tokens, labels, cls_labels, temperature) -> None:
@@ -136,9 +136,18 @@ def check_class_patch_attention(q, k, num_prefix, num_cls, reduce) -> None:
     choice("reduce", reduce, CPA_REDUCES)
 
 
+def non_empty_image(name: str, image: torch.Tensor) -> None:
+    """At least one channel and one pixel: an empty image has no neighbours to refine against."""
+    if image.shape[1] < 1 or image.shape[2] < 1 or image.shape[3] < 1:
+        raise ValueError(f"{name}: expected at least 1 channel and H, W >= 1, got shape {tuple(image.shape)}")
+
+
 def check_par_refine(image, masks, dilations, num_iter) -> None:
     tensor("image", image, 4, FLOAT_DTYPES, "B x 3 x H x W")
     tensor("masks", masks, 4, FLOAT_DTYPES, "B x C x H x W")
+    non_empty_image("image", image)
+    if masks.shape[1] < 1:
+        raise ValueError(f"masks: expected at least 1 channel, got shape {tuple(masks.shape)}")
     dim_equal("masks", masks.shape[0], image.shape[0], "batch size B of image")
     if tuple(masks.shape[2:]) != tuple(image.shape[2:]):
         raise ValueError(
@@ -151,7 +160,7 @@ def check_par_refine(image, masks, dilations, num_iter) -> None:
     if len(dilations) == 0:
         raise ValueError("dilations: expected a non-empty list of positive ints, got []")
     for d in dilations:
-        integer("dilations", d, 1)
+        integer("dilations", d, 1, 2**30)  # kernels hold pixel offsets in int32
     integer("num_iter", num_iter, 0)
 
 
@@ -159,6 +168,9 @@ def check_dense_energy_loss(image, probs, gate, sigma_rgb, sigma_xy) -> None:
     tensor("image", image, 4, FLOAT_DTYPES, "B x 3 x H x W")
     tensor("probs", probs, 4, FLOAT_DTYPES, "B x C x H x W")
     tensor("gate", gate, 3, FLOAT_DTYPES, "B x H x W")
+    non_empty_image("image", image)
+    if image.shape[0] < 1:
+        raise ValueError(f"image: expected a batch of at least 1 (E is averaged over B), got shape {tuple(image.shape)}")
     dim_equal("probs", probs.shape[0], image.shape[0], "batch size B of image")
     if tuple(probs.shape[2:]) != tuple(image.shape[2:]):
         raise ValueError(

@@ -100,6 +100,15 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
         parser.error(f"--data-root: no such folder {args.data_root}")
     if args.pretrained and not os.path.isfile(args.pretrained):
         parser.error(f"--pretrained: no such file {args.pretrained}")
+    if args.split_list and not os.path.isfile(args.split_list):
+        parser.error(f"--split-list: no such file {args.split_list}")
+    if args.backbone:
+        import timm
+
+        if not timm.is_model(args.backbone):
+            parser.error(f"--backbone: unknown timm model {args.backbone!r} (see timm.list_models('vit_*'))")
+    if args.eval_bkg is not None and not 0.0 <= args.eval_bkg <= 1.0:
+        parser.error(f"--eval-bkg: expected a number in [0, 1], got {args.eval_bkg}")
     if args.resume and not pathlib.Path(args.resume).is_dir():
         parser.error(f"--resume: no such folder {args.resume}")
     if args.device and args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):

@@ -20,8 +20,9 @@ reference); gcr's softmax conditioning (no worse than 4x the plain fp32 referenc
 
 Where fp32 is ill-conditioned whatever the implementation, the input scales are bounded rather
 than the tolerance loosened; the bound and its reason are written next to each strategy.
-Examples per op are fixed (`derandomize=True`, no example database); set MORE_FAST_FUZZ=10 to
-run ten times as many (for a longer fuzzing session).
+Examples per op are fixed (`derandomize=True`: they derive from the test's source, so editing a
+test draws new ones; no example database). For a longer fuzzing session: MORE_FAST_FUZZ=10 runs
+ten times as many, MORE_FAST_FUZZ_RANDOM=1 with `pytest --hypothesis-seed=N` other draws.
 """
 from __future__ import annotations
 
@@ -60,13 +61,14 @@ ROUND_ULPS = 8  # see assert_close
 YARDSTICK = 4
 
 _SCALE = float(os.environ.get("MORE_FAST_FUZZ", "1"))
+_RANDOM = os.environ.get("MORE_FAST_FUZZ_RANDOM", "0") == "1"  # then pytest --hypothesis-seed=N picks the draws
 
 
 def _settings(n: int):
     return settings(
         max_examples=max(1, int(n * _SCALE)),
         deadline=None,
-        derandomize=True,
+        derandomize=not _RANDOM,
         database=None,
         print_blob=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
@@ -126,6 +128,19 @@ def assert_close(what: str, got: torch.Tensor, ref: torch.Tensor, tol: float, fp
 
 def _randn(gen, shape, scale=1.0):
     return torch.randn(shape, generator=gen, dtype=F64) * scale
+
+
+def _tokens(gen, shape, scale, spread):
+    """B x N x D tokens times `scale`: independent N(0, 1) rows (spread None), or one shared
+    random direction per image plus `spread` times N(0, 1) (ViT tokens share a large common
+    component: nearly parallel rows, whose pairwise and softmax-weighted sums cancel)."""
+    x = _randn(gen, shape)
+    if spread is not None:
+        x = _randn(gen, (shape[0], 1, shape[2])) + spread * x
+    return x * scale
+
+
+SPREADS = st.sampled_from([None, None, 0.1, 0.01])
 
 
 def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -192,7 +207,7 @@ def affinity_cases(draw):
     return dict(
         b=b, n=n, d=d, ignore_index=ignore_index, label_dtype=label_dtype,
         num_classes=draw(st.integers(1, 6)), mode=draw(LABEL_MODES), dtype=draw(DTYPES),
-        u=draw(SCALE_EXP), zero_rows=draw(st.booleans()), layout=draw(LAYOUTS),
+        u=draw(SCALE_EXP), spread=draw(SPREADS), zero_rows=draw(st.booleans()), layout=draw(LAYOUTS),
         small_blocks=draw(st.booleans()) and n > 16, seed=draw(SEEDS),
     )
 
@@ -224,12 +239,12 @@ def _affinity_grad_scale(tokens, labels, ignore_index, g_out) -> float:
     return rows.norm().item()
 
 
-@_settings(40)
+@_settings(60)
 @given(case=affinity_cases())
 def test_affinity_loss_matches_reference(case):
     gen = torch.Generator().manual_seed(case["seed"])
     b, n, d, dtype = case["b"], case["n"], case["d"], case["dtype"]
-    tokens = _randn(gen, (b, n, d), 10 ** case["u"])
+    tokens = _tokens(gen, (b, n, d), 10 ** case["u"], case["spread"])
     if case["zero_rows"]:  # exactly-zero tokens: F.normalize's eps branch, |cos| = 0
         tokens[torch.rand(b, n, generator=gen) < 0.2] = 0
     tokens = _layout(tokens.to(dtype), case["layout"])
@@ -283,7 +298,7 @@ def lir_cases(draw):
         # the class tokens are l2-normalized, so their scale only tests the normalization;
         # the patch tokens' scale sets the logits (|z| up to ~10^(u+2) sqrt(D) / t)
         uq=draw(SCALE_EXP), up=draw(SCALE_EXP),
-        dtype=draw(DTYPES), mixed=draw(st.booleans()), layout=draw(LAYOUTS),
+        spread=draw(SPREADS), dtype=draw(DTYPES), mixed=draw(st.booleans()), layout=draw(LAYOUTS),
         small_blocks=draw(st.booleans()) and (n > 16 or k > 16), seed=draw(SEEDS),
     )
 
@@ -320,14 +335,14 @@ def _lir_grad_scale(q, p, labels, cls, t, g_out) -> float:
     return (rq * (e.abs() * terms).sum(-1)).norm().item()
 
 
-@_settings(40)
+@_settings(80)
 @given(case=lir_cases())
 def test_lir_loss_matches_reference(case):
     gen = torch.Generator().manual_seed(case["seed"])
     b, k, n, d, dtype = case["b"], case["k"], case["n"], case["d"], case["dtype"]
     p_dtype = F32 if case["mixed"] else dtype  # mixed: fp16 class tokens with fp32 patch tokens
     q = _layout(_randn(gen, (b, k, d), 10 ** case["uq"]).to(dtype), case["layout"])
-    p = _layout(_randn(gen, (b, n, d), 10 ** case["up"]).to(p_dtype), case["layout"])
+    p = _layout(_tokens(gen, (b, n, d), 10 ** case["up"], case["spread"]).to(p_dtype), case["layout"])
     if case["mode"] == "background":
         labels = torch.zeros(b, n, dtype=torch.long)
     else:
@@ -399,7 +414,7 @@ def gcr_cases(draw):
     )
 
 
-@_settings(30)
+@_settings(60)
 @given(case=gcr_cases())
 def test_gcr_aggregate_matches_reference(case):
     gen = torch.Generator().manual_seed(case["seed"])
@@ -473,7 +488,7 @@ def attention_cases(draw):
     )
 
 
-@_settings(40)
+@_settings(100)
 @given(case=attention_cases())
 def test_class_patch_attention_matches_reference(case):
     gen = torch.Generator().manual_seed(case["seed"])
@@ -487,8 +502,11 @@ def test_class_patch_attention_matches_reference(case):
         out = kernels.class_patch_attention(q, k, p, c, case["reduce"])
     assert out.dtype == F32 and out.shape == (case["b"], c, case["n"])
     ref = R.class_patch_attention(q.double(), k.double(), p, c, case["reduce"])
+    scale = 0.0
+    if case["reduce"] == "sum_logits":  # sum over heads and d of q k products, which may cancel
+        scale = R.class_patch_attention(q.double().abs(), k.double().abs(), p, c, "sum_logits").norm().item()
     assert_close("map", out, ref, TOL[dtype],
-                 lambda: R.class_patch_attention(q.float(), k.float(), p, c, case["reduce"]))
+                 lambda: R.class_patch_attention(q.float(), k.float(), p, c, case["reduce"]), scale=scale)
     if case["reduce"] == "mean_softmax":  # probabilities: the map is in [0, 1] and sums to <= 1 over N
         assert out.min() >= 0 and out.sum(-1).max() <= 1 + 1e-5
 
@@ -523,7 +541,7 @@ def _par_image(gen, b, ci, h, w, mode, scale):
     return img * scale
 
 
-@_settings(25)
+@_settings(80)
 @given(case=par_cases())
 def test_par_refine_matches_reference(case):
     gen = torch.Generator().manual_seed(case["seed"])
@@ -558,7 +576,7 @@ def energy_cases(draw):
     )
 
 
-@_settings(30)
+@_settings(80)
 @given(case=energy_cases())
 def test_dense_energy_loss_matches_reference(case):
     gen = torch.Generator().manual_seed(case["seed"])
@@ -598,3 +616,38 @@ def test_dense_energy_loss_matches_reference(case):
     tol = TOL[dtype]
     assert_close("E", loss, loss_ref, tol, functools.partial(fp32_ref, "loss"))
     assert_close("d probs", grad, grad_ref, tol, functools.partial(fp32_ref, "grad"))
+
+
+# --------------------------------------------------------------------------------------------
+# Disagreements found by the properties above, minimized (kernels/lir.py's backward)
+# --------------------------------------------------------------------------------------------
+_LIR_BACKWARD_REASON = (
+    "kernels/lir.py backward: (1) the probabilities exp(z - lse) use the forward's lse, rounded at "
+    "~eps32 |lse|, so they do not sum to 1 to fp32 precision, and (2) <qn, dL/dqn> is formed as "
+    "sum e (z - lse) instead of from the same e and p as G: the residues, times the patch tokens' "
+    "common component, survive the projection. Renormalizing the probabilities in the backward "
+    "and projecting with sum e z brings both cases to ~1e-6"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=_LIR_BACKWARD_REASON)
+@pytest.mark.parametrize("name, q, p, t", [
+    # nearly parallel patch tokens, small logits: fused 1.6e-4, the fp32 reference 1e-8
+    ("small logits", [-0.601392806, -1.01220977],
+     [[-0.00879212935, -0.036935132], [-0.00932883192, -0.0371180438], [-0.00942569226, -0.0362590924]], 1.0),
+    # nearly parallel patch tokens, logits ~ -1000: fused 1.7e-4, the fp32 reference 5e-7
+    ("large logits", [-0.146795094, 0.786141276, 0.94682163, -1.114344],
+     [[51.1382217, -31.8914318, -9.71571541, 37.3699951], [51.1356773, -26.1231976, -6.48239851, 41.0126419],
+      [58.0383301, -26.2365608, -3.31712699, 43.048378]], 0.05),
+])
+def test_lir_grad_with_nearly_parallel_patch_tokens(name, q, p, t):
+    q, p = torch.tensor([[q]]), torch.tensor([p])
+    labels, cls = torch.tensor([[1, 0, 0]]), torch.ones(1, 1)
+    q64 = q.double().requires_grad_()
+    (grad_ref,) = torch.autograd.grad(R.lir_loss(q64, p.double(), labels, cls, t), q64)
+    q32 = q.clone().requires_grad_()
+    (grad32,) = torch.autograd.grad(R.lir_loss(q32, p, labels, cls, t), q32)
+    assert _rel(grad32, grad_ref)[0] <= 1e-6 * grad_ref.norm()  # well-conditioned for fp32
+    qx = q.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(kernels.lir_loss(qx, p, labels, cls, t), qx)
+    assert_close("d cls_tokens", grad, grad_ref, TOL[F32])
