@@ -80,12 +80,15 @@ def read_state_dict(path: str | pathlib.Path) -> dict:
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained: no such file {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch_load(path)
+            state = load_file(str(path))
+        else:
+            state = torch_load(path)
+    except Exception as err:  # a truncated or foreign file: say which one
+        raise ValueError(f"pretrained: cannot read {path} ({type(err).__name__}: {err})") from err
     for key in WRAPPER_KEYS:
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

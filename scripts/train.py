@@ -28,6 +28,9 @@ def main(argv=None) -> int:
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except (FileNotFoundError, ValueError) as err:  # bad data or weights found while setting up
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
