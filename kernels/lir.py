@@ -153,7 +153,7 @@ def _lir_bwd_kernel(
     DOT_PREC: tl.constexpr,
 ):
     """dL/dq for one D slice of a class block:
-    e = g w (exp(z - lse) - member / cnt); G = (1/t) sum_n e p_n; proj = sum_n e (z - lse);
+    e = g w (softmax(z) - member / cnt); G = (1/t) sum_n e p_n; proj = sum_n e z;
     dq = rq G - [||q|| >= eps] rq^2 proj q (contiguous B x K x D, the dtype of q)."""
     ds = tl.program_id(0)
     kb = tl.program_id(1)
@@ -171,18 +171,30 @@ def _lir_bwd_kernel(
     p_rows = p_ptr + b.to(tl.int64) * spb
     q_rows = q_ptr + b.to(tl.int64) * sqb + offs_c.to(tl.int64) * sqk
 
+    # the stored lse is rounded to ~eps |lse|: renormalize exp(z - lse) so that the softmax sums
+    # to 1 in fp32 and sum_n e_n is 0 to rounding (else (sum e) times the tokens' common
+    # direction leaks into G)
+    total = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        zmask = mc[:, None] & (offs_n < N)[None, :]
+        z = tl.load(z_ptr + z_rows[:, None] + offs_n[None, :], mask=zmask, other=0.0)
+        total += tl.sum(tl.exp(tl.where(zmask, z - lse[:, None], float("-inf"))), axis=1)
+    inv_total = 1.0 / tl.where(mc, total, 1.0)
+
     acc = tl.zeros([BLOCK_K, BLOCK_DO], dtype=tl.float32)
     proj = tl.zeros([BLOCK_K], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mn = offs_n < N
         zmask = mc[:, None] & mn[None, :]
-        zl = tl.load(z_ptr + z_rows[:, None] + offs_n[None, :], mask=zmask, other=0.0) - lse[:, None]
+        z = tl.load(z_ptr + z_rows[:, None] + offs_n[None, :], mask=zmask, other=0.0)
+        prob = tl.exp(tl.where(zmask, z - lse[:, None], float("-inf"))) * inv_total[:, None]
         lab = tl.load(lab_ptr + b.to(tl.int64) * slb + offs_n.to(tl.int64) * sln, mask=mn, other=0).to(tl.int64)
         member = lab[None, :] == (offs_c[:, None] + 1).to(tl.int64)
-        e = w[:, None] * (tl.exp(zl) - tl.where(member, inv_cnt[:, None], 0.0))
+        e = w[:, None] * (prob - tl.where(member, inv_cnt[:, None], 0.0))
         e = tl.where(zmask, e, 0.0)
-        proj += tl.sum(e * zl, axis=1)
+        proj += tl.sum(e * z, axis=1)  # <qn, G> t = sum_n e_n z_n
         pt = tl.load(
             p_rows + offs_n[:, None].to(tl.int64) * spn + offs_do[None, :].to(tl.int64) * spd,
             mask=mn[:, None] & mdo[None, :], other=0.0,
