@@ -2,6 +2,7 @@
 import os
 
 import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)
@@ -13,3 +14,20 @@ def _backend_env():
         os.environ.pop("MORE_FAST_KERNELS", None)
     else:
         os.environ["MORE_FAST_KERNELS"] = saved
+
+
+@pytest.fixture(autouse=True)
+def _one_cpu_thread():
+    """On the CPU, one intra-op thread: the 2-core machines this runs on are shared, and with 2
+    threads a step of many small ops stalls on thread barriers whenever another process holds a
+    core (measured on such a machine, same minute: 0.3 s per training step with 1 thread, 1 to
+    36 s with 2). extra_info records the thread count."""
+    if torch.cuda.is_available():
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)

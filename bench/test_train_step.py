@@ -94,23 +94,6 @@ def _free() -> None:
 
 
 @pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """On the CPU, one intra-op thread: the 2-core machines this runs on are shared, and with 2
-    threads a step of many small ops stalls on thread barriers whenever another process holds a
-    core (measured on such a machine, same minute: 0.3 s per training step with 1 thread, 1 to
-    36 s with 2). extra_info records the thread count."""
-    if CUDA:
-        yield
-        return
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
-@pytest.fixture(autouse=True)
 def _room_for_recompiles():
     """The compiled backbone sees one input shape per CAM scale; keep it compiled rather than
     falling back to eager at the default recompile limit."""

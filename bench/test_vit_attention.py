@@ -42,23 +42,6 @@ WAYS = {  # way -> (attn_impl, attn_reduce)
 SDPA_MEDIAN: dict[tuple, float] = {}
 
 
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """On the CPU, one intra-op thread: the 2-core machines this runs on are shared, and with 2
-    threads a step of many small ops stalls on thread barriers whenever another process holds a
-    core (measured on such a machine, same minute: 0.3 s per training step with 1 thread, 1 to
-    36 s with 2). extra_info records the thread count."""
-    if CUDA:
-        yield
-        return
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
 def _flops(backbone: MoReBackbone, crop: int) -> float:
     """Matmul FLOPs of the blocks: qkv, proj, MLP and the two attention products."""
     t = backbone.num_prefix + (crop // backbone.patch_size) ** 2
