@@ -147,17 +147,17 @@ class TrainStep:
         grid = out.grid
         cam = C.resize_to_grid(maps["cam"], grid)
         aux = C.resize_to_grid(maps["aux_cam"], grid)
-        ptc = C.cam_labels(aux, cls_labels, 0.7, 0.25).flatten(1)  # B x N
+        aux_labels = C.cam_labels(aux, cls_labels, 0.7, 0.25)  # B x h x w: L_ptc's, and L_ure's at first
         if it < cfg.scaled("label_switch"):
             cre = C.cam_labels(aux, cls_labels, 0.5, 0.25)
-            ure = C.cam_labels(aux, cls_labels, 0.7, 0.25)
+            ure = aux_labels
         else:
             cre = C.cam_labels(cam, cls_labels, 0.6, 0.35)
             ure = cre
         noise = torch.rand(ure.shape[0], ure.shape[1] * ure.shape[2], generator=self.ure_gen, device=self.device)
         ure_index, ure_valid = L.ure_sample(ure, noise)
         seg = C.par_pseudo_labels(image, maps["cam"], cls_labels) if "seg" in weights else None
-        return StepLabels(ptc, cre.flatten(1), ure_index, ure_valid, seg)
+        return StepLabels(aux_labels.flatten(1), cre.flatten(1), ure_index, ure_valid, seg)
 
     def _all_finite(self, total: torch.Tensor) -> bool:
         """Whether every rank's loss is finite (ranks must agree on skipping a step)."""
