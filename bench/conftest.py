@@ -31,3 +31,13 @@ def _one_cpu_thread():
         yield
     finally:
         torch.set_num_threads(saved)
+
+
+@pytest.fixture(autouse=True)
+def _room_for_recompiles():
+    """Each shape / dtype / pass (and CAM scale) is a dynamo cache entry of the same function: keep
+    the compiled variants compiled rather than falling back to eager at the default limit."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    with cfg.patch(**{name: max(64, getattr(cfg, name))}):
+        yield

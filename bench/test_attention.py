@@ -29,17 +29,6 @@ def _flops(n: int, reduce: str) -> float:
     return 2.0 * B * HEADS * K * keys * HEAD_DIM
 
 
-@pytest.fixture(autouse=True)
-def _room_for_recompiles():
-    """Each (reduce, dtype) pair and the static -> dynamic T step is a dynamo cache entry of the
-    same reference function; keep the compiled variant compiled rather than hitting the default
-    limit of 8 and silently running eager."""
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    with cfg.patch(**{name: max(64, getattr(cfg, name))}):
-        yield
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduce", ("mean_softmax", "sum_logits"))
 @pytest.mark.parametrize("n", (784, 3136))

@@ -41,16 +41,6 @@ def _flops(ncls: int, backward: bool) -> float:
     return 2.0 * B * ncls * nodes * D + 8.0 * edges + (24.0 * edges if backward else 0.0)
 
 
-@pytest.fixture(autouse=True)
-def _room_for_recompiles():
-    """Each (K, dtype, pass) is a dynamo cache entry of the same reference function; keep the
-    compiled variant compiled rather than hitting the default limit and running eager."""
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    with cfg.patch(**{name: max(64, getattr(cfg, name))}):
-        yield
-
-
 def _inputs(ncls: int, dtype: str, requires_grad: bool):
     gen = torch.Generator(device="cpu").manual_seed(0)
     dt = getattr(torch, dtype)

@@ -27,15 +27,6 @@ def _flops(n: int, backward: bool) -> float:
     return 2.0 * B * K * n * D * (2 if backward else 1)
 
 
-@pytest.fixture(autouse=True)
-def _room_for_recompiles():
-    """Each shape / dtype / pass is a dynamo cache entry of the same reference function."""
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    with cfg.patch(**{name: max(64, getattr(cfg, name))}):
-        yield
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("pass_", ("fwd", "fwd+bwd"))
 @pytest.mark.parametrize("n", (784, 3136))

@@ -93,16 +93,6 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-@pytest.fixture(autouse=True)
-def _room_for_recompiles():
-    """The compiled backbone sees one input shape per CAM scale; keep it compiled rather than
-    falling back to eager at the default recompile limit."""
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    with cfg.patch(**{name: max(64, getattr(cfg, name))}):
-        yield
-
-
 @pytest.mark.parametrize("pipeline", list(PIPELINES))
 def test_train_step(benchmark, pipeline):
     cfg = make_config(pipeline)
