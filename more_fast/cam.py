@@ -38,8 +38,9 @@ def multiscale_maps(model: MoReNet, images: torch.Tensor, scales: Sequence[float
     """Multi-scale + flip CAM and aux CAM (SPEC 3), and optionally the LAM, at the input size.
 
     For every scale: resize the batch, run the backbone on [x, flip(x)], compute the maps, resize
-    to the input size, take the max of a map and its flipped-back twin, ReLU; sum over scales;
-    min-max normalize per image and class. `reuse` = (CAM, aux CAM[, LAM]) of the unflipped
+    to the input size, take the max of a map and its flipped-back twin (ReLU for the CAM and aux
+    CAM only: the published multi_scale_lam2 keeps the LAM's negative values, and the min-max
+    below then maps its minimum, not 0, to 0); sum over scales; min-max normalize per image and class. `reuse` = (CAM, aux CAM[, LAM]) of the unflipped
     scale-1.0 pass (B x K x h x w on the grid, from the training forward): that pass is then not
     run again, only its flipped twin. `backbone` overrides model.forward_features (a compiled one).
     Returns {"cam", "aux_cam"[, "lam"]}, each B x K x H x W float32 in [0, 1).
@@ -68,7 +69,9 @@ def multiscale_maps(model: MoReNet, images: torch.Tensor, scales: Sequence[float
                 plain, flipped = _resize(reuse[index].detach().float(), (height, width)), m
             else:
                 plain, flipped = m[:b], m[b:]
-            m = F.relu(torch.maximum(plain, flipped.flip(-1)))
+            m = torch.maximum(plain, flipped.flip(-1))
+            if name != "lam":
+                m = F.relu(m)
             totals[name] = totals[name] + m if name in totals else m
     return {name: minmax_normalize(m) for name, m in totals.items()}
 
