@@ -116,13 +116,14 @@ def init_from_timm_state(backbone: nn.Module, state: dict) -> list[str]:
 
     All R + K tokens start as copies of the single class token, and their position embeddings as
     copies of the class token's; the R register position embeddings are then re-drawn from a
-    truncated normal (std 0.02). The patch position embeddings are kept (resized bicubically
-    only if the checkpoint's grid differs from the backbone's). A checkpoint whose pos_embed has
-    no class-token entry (timm `no_embed_class` models) gives the class tokens zero position
-    embeddings, which is what such a model adds to its class token. Blocks, patch embedding and
-    final norm are copied as they are. Returns the checkpoint keys that were not used (the
-    classification head, for instance). Raises ValueError naming the problem for a checkpoint
-    that is not a matching timm ViT (missing tensors, another width, another patch size).
+    truncated normal at timm's defaults (std 1, cut at +-2). The patch position embeddings are
+    kept (resized bicubically only if the checkpoint's grid differs from the backbone's). A
+    checkpoint whose pos_embed has no class-token entry (timm `no_embed_class` models) gives the
+    class tokens zero position embeddings, which is what such a model adds to its class token.
+    Blocks, patch embedding and final norm are copied as they are. Returns the checkpoint keys
+    that were not used (the classification head, for instance). Raises ValueError naming the
+    problem for a checkpoint that is not a matching timm ViT (missing tensors, another width,
+    another patch size).
     """
     state = strip_prefixes(state)
     if "cls_token" not in state or "pos_embed" not in state:
@@ -146,7 +147,9 @@ def init_from_timm_state(backbone: nn.Module, state: dict) -> list[str]:
         prefix_pos = pos[:, :1].expand(1, r + k, d).clone()
     else:  # no_embed_class: the class token gets no position embedding
         prefix_pos = pos.new_zeros(1, r + k, d)
-    nn.init.trunc_normal_(prefix_pos[:, :r], std=0.02)
+    # timm's defaults (std 1, cut at +-2), as the published mat_vit.py: with a small std the
+    # registers would start as near-copies of the class tokens
+    nn.init.trunc_normal_(prefix_pos[:, :r])
     patch_pos = _resize_patch_pos(pos[:, num_prefix:], backbone.pos_grid)
     backbone.pos_embed.copy_(torch.cat([prefix_pos, patch_pos], dim=1))
     own = backbone.state_dict()

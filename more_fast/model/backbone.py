@@ -112,7 +112,7 @@ class MoReBackbone(nn.Module):
         cls_pos = vit.pos_embed.detach()[:, :1]  # 1 x 1 x D
         self.cls_token = nn.Parameter(cls.expand(1, num_registers + num_classes, d).clone())
         prefix_pos = cls_pos.expand(1, num_registers + num_classes, d).clone()
-        nn.init.trunc_normal_(prefix_pos[:, :num_registers], std=0.02)
+        nn.init.trunc_normal_(prefix_pos[:, :num_registers])  # timm defaults (std 1, +-2), as published
         patch_pos = vit.pos_embed.detach()[:, self.num_prefix_pretrained:]  # 1 x G*G x D
         self.pos_embed = nn.Parameter(torch.cat([prefix_pos, patch_pos], dim=1))
 
