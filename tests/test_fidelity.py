@@ -58,3 +58,44 @@ def test_multiscale_lam_keeps_negative_values(reuse):
             cam = F.interpolate(cam, size=(64, 64), mode="bilinear", align_corners=False)
             relu_cam = relu_cam + F.relu(torch.maximum(cam[:2], cam[2:].flip(-1)))
     torch.testing.assert_close(maps["cam"], C.minmax_normalize(relu_cam), rtol=0, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- 4. register position embeddings
+def _truncated_std(a=2.0):
+    """Std of N(0, 1) cut at +-a: sqrt(1 - 2 a phi(a) / (Phi(a) - Phi(-a)))."""
+    phi = math.exp(-a * a / 2) / math.sqrt(2 * math.pi)
+    mass = math.erf(a / math.sqrt(2))
+    return math.sqrt(1 - 2 * a * phi / mass)
+
+
+def test_register_pos_embed_std_one_at_construction_and_from_pretrained():
+    import timm
+    from more_fast.checkpoint import init_from_timm_state
+
+    r = 8  # 8 x 192 draws: the sample std is within 0.03 of 0.88 with overwhelming probability
+    net = MoReNet("vit_tiny_patch16_224", num_classes=3, num_registers=r, depth=1)
+    state = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1).state_dict()
+    for when in ("constructed", "pretrained"):
+        if when == "pretrained":
+            init_from_timm_state(net.encoder, state)
+        regs = net.encoder.pos_embed.detach()[:, :r]
+        assert abs(float(regs.std()) - _truncated_std()) < 0.06, when  # std 0.02 before
+        assert float(regs.abs().max()) <= 2.0 and float(regs.abs().max()) > 1.5, when
+        # the class tokens' position embeddings stay copies of the class token's
+        cls_pos = net.encoder.pos_embed.detach()[:, r:r + 3]
+        assert torch.equal(cls_pos, cls_pos[:, :1].expand_as(cls_pos)), when
+
+
+# ----------------------------------------------------------------------------- 5. colour jitter
+def test_colour_jitter_is_the_published_one_with_p_half():
+    from torchvision.transforms import v2
+
+    from more_fast.data.transforms import train_transform
+
+    steps = train_transform(32).transforms
+    applies = [t for t in steps if isinstance(t, v2.RandomApply)]
+    assert len(applies) == 1 and applies[0].p == 0.5
+    (jitter,) = applies[0].transforms
+    assert isinstance(jitter, v2.ColorJitter)
+    assert jitter.brightness == pytest.approx((0.6, 1.4)) and jitter.contrast == pytest.approx((0.6, 1.4))
+    assert jitter.saturation == pytest.approx((0.8, 1.2)) and jitter.hue == pytest.approx((-0.1, 0.1))

@@ -29,13 +29,14 @@ def check_crop_size(crop_size: int) -> None:
 
 
 def train_transform(crop_size: int) -> v2.Transform:
-    """SPEC 6: random resized crop (scale 0.32-1, bicubic), flip, colour jitter with p = 0.5."""
+    """Random resized crop (scale 0.32-1, bicubic), flip, ColorJitter(0.4, 0.4, 0.2, 0.1) with p = 0.5
+    (the published transform)."""
     check_crop_size(crop_size)
     return v2.Compose([
         v2.RandomResizedCrop(int(crop_size), scale=(0.32, 1.0), interpolation=InterpolationMode.BICUBIC,
                              antialias=True),
         v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.ColorJitter(0.3, 0.3, 0.3, 0.1)], p=0.5),
+        v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.5),
     ])
 
 
