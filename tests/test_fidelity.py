@@ -99,3 +99,35 @@ def test_colour_jitter_is_the_published_one_with_p_half():
     assert isinstance(jitter, v2.ColorJitter)
     assert jitter.brightness == pytest.approx((0.6, 1.4)) and jitter.contrast == pytest.approx((0.6, 1.4))
     assert jitter.saturation == pytest.approx((0.8, 1.2)) and jitter.hue == pytest.approx((-0.1, 0.1))
+
+
+# ----------------------------------------------------------------------------- 11. L_reg's effective weight
+def test_reg_loss_is_lattice_gain_times_exact_energy():
+    from more_fast import losses as L
+
+    assert L.LATTICE_GAIN == 0.58
+    torch.manual_seed(3)
+    image = torch.rand(2, 3, 12, 10) * 255
+    logits = torch.randn(2, 4, 12, 10, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 4, (2, 12, 10))
+    labels[:, :4] = 255
+    loss = L.reg_loss(image, logits.float(), labels)
+    # the energy by its definition, at half resolution, over all pixel pairs (p = q included)
+    img = F.interpolate(image.double(), size=(6, 5), mode="nearest")
+    s = F.interpolate(logits.softmax(1), size=(6, 5), mode="bilinear", align_corners=False)
+    lab = F.interpolate(labels[:, None].double(), size=(6, 5), mode="nearest")[:, 0]
+    gate = torch.where(lab == 255, torch.ones_like(lab), (1 - s.detach().amax(1)).clamp_min(0)).flatten(1)
+    yy, xx = torch.meshgrid(torch.arange(6.0), torch.arange(5.0), indexing="ij")
+    xy = torch.stack([yy, xx], -1).reshape(-1, 2).double()
+    energy = 0
+    for b in range(2):
+        rgb = img[b].reshape(3, -1).T
+        w = torch.exp(-torch.cdist(xy, xy) ** 2 / (2 * 50.0 ** 2) - torch.cdist(rgb, rgb) ** 2 / (2 * 15.0 ** 2))
+        sb = s[b].reshape(4, -1)
+        energy = energy - (sb * gate[b] * (sb @ w)).sum() / 2
+    assert loss.item() == pytest.approx(1e-7 * 0.58 * energy.item(), rel=1e-4)  # 1e-7 * E before
+    loss.backward()
+    g_gain = logits.grad.clone()
+    logits.grad = None
+    L.reg_loss(image, logits.float(), labels, gain=1.0).backward()
+    torch.testing.assert_close(g_gain, 0.58 * logits.grad, rtol=1e-5, atol=1e-12)
