@@ -53,26 +53,32 @@ def ure_sample(labels: torch.Tensor, noise: torch.Tensor, num_samples: int = 8, 
     labels B x h x w (0 / class+1 / 255); noise B x (h*w) uniform [0, 1) from a seeded
     generator (drawn by the caller, outside any compiled region). Candidates: uncertain
     patches whose window (rows r-3..r+2, cols c-3..c+2, fully inside the grid) has mean roi
-    >= threshold. Up to `num_samples` candidates are drawn per image; with n < num_samples,
-    (num_samples - n) // 4 random foreground patches are added.
+    >= threshold. More than `num_samples` candidates: `num_samples` of them at random. Otherwise
+    all n candidates plus (num_samples - n) // 4 random foreground patches with a window inside
+    the grid, or, when fewer such foreground patches exist than that, random patches with a
+    window inside the grid (the published fallback).
     Returns (index B x S into the h*w patches, valid B x S bool), S = min(num_samples, h*w).
     """
     b, h, w = labels.shape
     roi = ure_roi(labels)[:, None]  # B x 1 x h x w
     cand = torch.zeros(b, h, w, dtype=torch.bool, device=labels.device)
+    inner = torch.zeros_like(cand)  # the patches whose window lies inside the grid
     if h >= window and w >= window:
         mean = F.avg_pool2d(roi, window, stride=1)[:, 0]  # B x (h-5) x (w-5); (i, j) is centred at (i+3, j+3)
         half = window // 2
         cand[:, half: half + h - window + 1, half: half + w - window + 1] = mean >= threshold
+        inner[:, half: half + h - window + 1, half: half + w - window + 1] = True
     cand = (cand & (labels == IGNORE)).flatten(1)  # B x N
-    fg = ((labels != 0) & (labels != IGNORE)).flatten(1)
+    inner = inner.flatten(1)
+    fg = ((labels != 0) & (labels != IGNORE)).flatten(1) & inner
     s = min(num_samples, h * w)
-    # candidates rank above foreground patches, which rank above everything else
-    key = torch.where(cand, 2.0 + noise, torch.where(fg, noise, torch.full_like(noise, -1.0)))
+    n_cand = cand.sum(1)
+    need = torch.where(n_cand < s, (s - n_cand) // 4, torch.zeros_like(n_cand))
+    pool = torch.where((fg.sum(1) >= need)[:, None], fg, inner & ~cand)  # the published fallback
+    # candidates rank above the pool, which ranks above everything else
+    key = torch.where(cand, 2.0 + noise, torch.where(pool, noise, torch.full_like(noise, -1.0)))
     index = key.topk(s, dim=1).indices  # B x S
-    n_cand = cand.sum(1).clamp(max=s)
-    extra = torch.minimum(fg.sum(1), (s - n_cand) // 4)
-    n_sel = n_cand + torch.where(n_cand < s, extra, torch.zeros_like(extra))
+    n_sel = n_cand.clamp(max=s) + torch.minimum(pool.sum(1), need)
     valid = torch.arange(s, device=labels.device)[None] < n_sel[:, None]
     return index, valid
 

@@ -131,3 +131,48 @@ def test_reg_loss_is_lattice_gain_times_exact_energy():
     logits.grad = None
     L.reg_loss(image, logits.float(), labels, gain=1.0).backward()
     torch.testing.assert_close(g_gain, 0.58 * logits.grad, rtol=1e-5, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- 8. L_ure sampling fallback
+def _chosen(labels, seed=0):
+    from more_fast import losses as L
+
+    g = torch.Generator().manual_seed(seed)
+    index, valid = L.ure_sample(labels, torch.rand(labels.shape[0], labels[0].numel(), generator=g))
+    return [sorted(index[b][valid[b]].tolist()) for b in range(labels.shape[0])]
+
+
+def test_ure_sample_fallback_to_random_patches_inside_the_window_range():
+    w = 8
+    inner = {r * w + c for r in range(3, 6) for c in range(3, 6)}  # 6 x 6 windows fit around rows/cols 3..5
+    # all background: no candidate, no foreground -> (8 - 0) // 4 = 2 random patches of the inner range
+    labels = torch.zeros(3, 8, 8, dtype=torch.long)
+    # one foreground patch inside the range: fewer than the 2 needed -> the random fallback again
+    labels[1, 4, 4] = 1
+    # foreground only where no window fits (the border): not eligible -> the random fallback
+    labels[2, 0, :] = 2
+    for seed in range(5):
+        for picked in _chosen(labels, seed):
+            assert len(picked) == 2 and set(picked) <= inner, picked
+
+
+def test_ure_sample_foreground_inside_the_range_and_counts():
+    labels = torch.zeros(2, 8, 8, dtype=torch.long)
+    labels[:, 3:6, 3:6] = 3  # 9 foreground patches in the inner range
+    labels[:, 0, :] = 3  # and a border row of foreground: never picked
+    labels[1] = 1
+    labels[1, 3:6, 3:6] = 255  # image 1: 9 uncertain patches amid foreground, all candidates: 8 of them
+    fg = {r * 8 + c for r in range(3, 6) for c in range(3, 6)}
+    for seed in range(5):
+        a, b = _chosen(labels, seed)
+        assert len(a) == 2 and set(a) <= fg  # (8 - 0) // 4 foreground patches, inside the range
+        assert len(b) == 8 and set(b) <= fg
+    # 4 candidates -> (8 - 4) // 4 = 1 extra foreground patch; 7 candidates -> none
+    spots = [(3, 3), (3, 6), (3, 9), (6, 3), (6, 6), (6, 9), (9, 3)]
+    for n_cand, extra in ((4, 1), (7, 0)):
+        lab = torch.ones(1, 13, 13, dtype=torch.long)  # foreground everywhere
+        for r, c in spots[:n_cand]:
+            lab[0, r, c] = 255
+        picked = _chosen(lab)[0]
+        got_cand = sorted(i for i in picked if lab[0].flatten()[i] == 255)
+        assert got_cand == sorted(r * 13 + c for r, c in spots[:n_cand]) and len(picked) == n_cand + extra

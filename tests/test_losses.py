@@ -54,12 +54,15 @@ def test_ure_sample_picks_centred_window_candidates():
         n = int(cand[bi].sum())
         if n >= 8:
             assert len(chosen) == 8 and all(cand[bi, i] for i in chosen)
-        else:
-            fg = ((labels[bi] != 0) & (labels[bi] != 255)).flatten()
+        else:  # plus (8 - n) // 4 foreground patches whose window lies inside the grid
+            inner = torch.zeros(10, 11, dtype=torch.bool)
+            inner[3:8, 3:9] = True
+            fg = ((labels[bi] != 0) & (labels[bi] != 255) & inner).flatten()
+            assert int(fg.sum()) >= (8 - n) // 4  # this case never takes the fallback
             picked_cand = {i for i in chosen if cand[bi, i]}
             assert picked_cand == set(cand[bi].nonzero().flatten().tolist())
             extra = chosen - picked_cand
-            assert len(extra) == min(int(fg.sum()), (8 - n) // 4) and all(fg[i] for i in extra)
+            assert len(extra) == (8 - n) // 4 and all(fg[i] for i in extra)
 
 
 def test_ure_sample_few_candidates_adds_foreground():
