@@ -176,3 +176,27 @@ def test_ure_sample_foreground_inside_the_range_and_counts():
         picked = _chosen(lab)[0]
         got_cand = sorted(i for i in picked if lab[0].flatten()[i] == 255)
         assert got_cand == sorted(r * 13 + c for r, c in spots[:n_cand]) and len(picked) == n_cand + extra
+
+
+# ----------------------------------------------------------------------------- 6. decoder under AdamW in warm-up
+def test_decoder_is_stepped_and_decayed_by_adamw_before_l_seg_on_one_process():
+    from more_fast.training import TrainConfig
+    from more_fast.training.loop import TrainStep, loss_weights
+
+    cfg = TrainConfig(num_classes=3, crop_size=32, batch_size=2, depth=2, decoder_dim=16, kernels="reference",
+                      cam_scales=(1.0,))
+    assert "seg" not in loss_weights(cfg, 0)
+    model = _tiny().train()
+    step = TrainStep(model, cfg, torch.device("cpu"))
+    assert not step.ddp
+    decoder = step.optimizer.param_groups[4]
+    assert decoder["name"] == "decoder"
+    decoder["lr"], decoder["weight_decay"] = 0.1, 0.5  # so that one step's decay is visible
+    before = [p.detach().clone() for p in model.decoder.parameters()]
+    batch = {"image": torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8),
+             "cls_label": torch.tensor([[1.0, 0, 1], [0, 1, 0]])}
+    step.step(0, batch)
+    for p, old in zip(model.decoder.parameters(), before):
+        state = step.optimizer.state[p]
+        assert int(state["step"]) == 1 and not state["exp_avg"].any()  # a zero gradient, counted
+        torch.testing.assert_close(p.detach(), old * (1 - 0.1 * 0.5), rtol=1e-6, atol=0)  # decoupled decay only

@@ -181,7 +181,8 @@ class TrainStep:
             total, terms = self.losses(out, cls_labels, labels.ptc, labels.cre, labels.ure_index,
                                        labels.ure_valid, labels.seg, image, weights, cfg.cre_temperature,
                                        cfg.reg_scale)
-            if self.ddp and "seg" not in weights:  # DDP needs a gradient for every output; the decoder's is 0
+            if "seg" not in weights:  # as the published 0 * L_seg: the decoder gets zero gradients, so
+                # AdamW decays it and counts its steps from iteration 1 (and DDP sees every output used)
                 total = total + 0.0 * out.seg.float().sum()
         if cfg.on_nonfinite == "skip" and not self._all_finite(total):  # a sync, only in skip mode
             self.skipped += 1
