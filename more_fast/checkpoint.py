@@ -97,6 +97,92 @@ def read_state_dict(path: str | pathlib.Path) -> dict:
     return strip_prefixes(state)
 
 
+TIMM_PREFIX = "timm:"
+# The published runs start from the original ViT-B/16 weights, jx_vit_base_p16_224-80ecf9dd.pth;
+# timm serves the same weights under this tag (its plain vit_base_patch16_224 is an augreg checkpoint).
+PUBLISHED_PRETRAINED = "vit_base_patch16_224.orig_in21k_ft_in1k"
+PUBLISHED_PRETRAINED_FILE = "jx_vit_base_p16_224-80ecf9dd.pth"
+
+
+def _offline_hint(tag: str, why: str) -> str:
+    return (f"pretrained: timm:{tag} cannot be fetched ({why}); offline, pass a local file instead: "
+            f"--pretrained path/to/weights.pth or .safetensors (timm's file of {tag}"
+            + (f", or the published {PUBLISHED_PRETRAINED_FILE}" if tag == PUBLISHED_PRETRAINED else "") + ")")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (a name lookup fails at once offline)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _timm_cached_file(tag: str) -> str | None:
+    """The local Hugging Face cache's copy of a timm tag's weights, if there is one."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(tag)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repo:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for name in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, name)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def check_pretrained(spec: str) -> None:
+    """Fail early, with one line, for a `--pretrained` that cannot be loaded: a missing local file,
+    an unknown timm tag, or a `timm:<tag>` whose weights are neither cached nor reachable."""
+    if not spec.startswith(TIMM_PREFIX):
+        if not pathlib.Path(spec).is_file():
+            raise ValueError(f"pretrained: no such file {spec} (expected a local .pth/.safetensors file "
+                             f"or {TIMM_PREFIX}<tag>, e.g. {TIMM_PREFIX}{PUBLISHED_PRETRAINED})")
+        return
+    import timm
+
+    tag = spec[len(TIMM_PREFIX):]
+    if not tag or tag not in timm.list_pretrained(tag):
+        raise ValueError(f"pretrained: timm has no pretrained weights tagged {tag!r} "
+                         f"(see timm.list_pretrained('vit_*'); the published runs use {PUBLISHED_PRETRAINED})")
+    if _timm_cached_file(tag) is None and not _hub_reachable():
+        raise ValueError(_offline_hint(tag, "no network and no cached copy"))
+
+
+def pretrained_state_dict(spec: str) -> dict:
+    """The state dict named by `--pretrained`: a local .pth/.pt/.bin/.safetensors file (timm's, or
+    the published jx_vit_base_p16_224-80ecf9dd.pth), or `timm:<tag>`, which timm fetches (or
+    reads from the local Hugging Face cache)."""
+    if not spec.startswith(TIMM_PREFIX):
+        return read_state_dict(spec)
+    import timm
+
+    check_pretrained(spec)
+    tag = spec[len(TIMM_PREFIX):]
+    cached = _timm_cached_file(tag)
+    overlay = {"file": cached} if cached else None  # no network round trip when the cache has it
+    try:
+        model = timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=overlay)
+    except Exception as err:  # network, hub or file errors: one line, with the offline alternative
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(_offline_hint(tag, f"{type(err).__name__}: {first}")) from None
+    return strip_prefixes(model.state_dict())
+
+
 def _resize_patch_pos(patch_pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """1 x G*G x D at the checkpoint's square grid -> 1 x h*w x D (bicubic)."""
     n, d = patch_pos.shape[1:]

@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", help="timm ViT name (default: vit_tiny_patch16_224; voc/coco: vit_base_patch16_224)")
     p.add_argument("--depth", type=_positive_int, help="number of ViT blocks (default: the named model's)")
     p.add_argument("--patch-size", type=_positive_int, help="ViT patch size (default: the named model's)")
-    p.add_argument("--pretrained", help="local timm ViT checkpoint (.pth or .safetensors); nothing is downloaded")
+    p.add_argument("--pretrained", help="backbone weights: a local timm ViT file (.pth or .safetensors) or "
+                   "timm:<tag>, fetched by timm (voc/coco default: timm:vit_base_patch16_224.orig_in21k_ft_in1k, "
+                   "the published jx_vit_base_p16_224-80ecf9dd.pth)")
     p.add_argument("--iters", type=_positive_int, help="iterations to run")
     p.add_argument("--schedule-iters", type=_positive_int,
                    help="length of the LR schedule and loss phases (default: max(--iters, the recipe's length))")
@@ -98,8 +100,13 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
         parser.error(f"--data-root: required with --data {args.data}")
     if args.data_root and args.data != "synthetic" and not pathlib.Path(args.data_root).is_dir():
         parser.error(f"--data-root: no such folder {args.data_root}")
-    if args.pretrained and not os.path.isfile(args.pretrained):
-        parser.error(f"--pretrained: no such file {args.pretrained}")
+    if values.get("pretrained"):  # a missing file, an unknown tag or no network: stop before any work
+        from .checkpoint import check_pretrained
+
+        try:
+            check_pretrained(values["pretrained"])
+        except ValueError as err:
+            parser.error(f"--pretrained: {str(err).removeprefix('pretrained: ')}")
     if args.split_list and not os.path.isfile(args.split_list):
         parser.error(f"--split-list: no such file {args.split_list}")
     if args.backbone:

@@ -200,3 +200,125 @@ def test_decoder_is_stepped_and_decayed_by_adamw_before_l_seg_on_one_process():
         state = step.optimizer.state[p]
         assert int(state["step"]) == 1 and not state["exp_avg"].any()  # a zero gradient, counted
         torch.testing.assert_close(p.detach(), old * (1 - 0.1 * 0.5), rtol=1e-6, atol=0)  # decoupled decay only
+
+
+# ----------------------------------------------------------------------------- 7, 9. recipes and the run header
+def _header(cfg, world=1):
+    from types import SimpleNamespace
+
+    from more_fast.training.loop import Trainer
+
+    lines = []
+    Trainer._log_schedule(SimpleNamespace(cfg=cfg, world=world, log=lines.append))
+    return "\n".join(lines)
+
+
+def test_voc_recipe_background_half_and_pinned_weights_in_the_header():
+    from more_fast.training import VOC_RECIPE, TrainConfig
+
+    cfg = TrainConfig(**VOC_RECIPE)
+    assert cfg.eval_bkg == 0.5 and cfg.cam_high == 0.7  # validation background 0.45 before
+    assert cfg.pretrained == "timm:vit_base_patch16_224.orig_in21k_ft_in1k"
+    head = _header(cfg)
+    assert "validation background 0.5," in head and "high threshold 0.7," in head
+    assert "pretrained timm:vit_base_patch16_224.orig_in21k_ft_in1k" in head
+    assert "batch 4 (1 x 4)" in head and "CAM scales (1.0, 0.5, 0.75, 1.5)" in head
+
+
+def test_coco_recipe_is_the_published_coco_run_and_printed():
+    from more_fast.training import COCO_RECIPE, TrainConfig
+
+    cfg = TrainConfig(**COCO_RECIPE)
+    assert (cfg.iters, cfg.total_iters, cfg.batch_size) == (80000, 80000, 8)
+    assert cfg.cam_scales == (1.0, 0.5, 0.75, 1.25, 1.5)
+    assert (cfg.scaled("ptc_start"), cfg.scaled("lir_start"), cfg.scaled("seg_start")) == (8000, 12000, 16000)
+    assert cfg.scaled("label_switch") == 50000  # 40,000 before
+    assert (cfg.cam_high, cfg.eval_bkg, cfg.w_cre, cfg.w_ure, cfg.cre_temperature) == (0.65, 0.45, 0.05, 0.0, 0.1)
+    head = _header(cfg)
+    for text in ("80000 iterations", "batch 8 (1 x 8)", "CAM scales (1.0, 0.5, 0.75, 1.25, 1.5)",
+                 "L_ptc from 8000", "L_cre/L_ure from 12000 (w_cre 0.05, w_ure 0.0, temperature 0.1)",
+                 "L_seg/L_reg after 16000", "LIR labels from the CAM after 50000", "high threshold 0.65,",
+                 "validation background 0.45,", "pretrained timm:vit_base_patch16_224.orig_in21k_ft_in1k"):
+        assert text in head, (text, head)
+    assert "batch 8 (2 x 4)" in _header(TrainConfig(**dict(COCO_RECIPE, batch_size=4)), world=2)
+
+
+def test_high_threshold_reaches_the_aux_cam_labels_and_par(monkeypatch):
+    from more_fast.training import TrainConfig
+    from more_fast.training.loop import TrainStep
+
+    seen = []
+    real_labels, real_par = C.cam_labels, C.par_pseudo_labels
+    monkeypatch.setattr(C, "cam_labels", lambda cam, cls, hi, lo: seen.append(("labels", hi, lo)) or real_labels(cam, cls, hi, lo))
+    monkeypatch.setattr(C, "par_pseudo_labels", lambda *a, hi=0.7, **k: seen.append(("par", hi)) or real_par(*a, hi=hi, **k))
+    cfg = TrainConfig(num_classes=3, crop_size=32, batch_size=2, depth=2, decoder_dim=16, kernels="reference",
+                      cam_scales=(1.0,), cam_high=0.65)
+    step = TrainStep(_tiny().train(), cfg, torch.device("cpu"))
+    batch = {"image": torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8),
+             "cls_label": torch.tensor([[1.0, 0, 1], [0, 1, 0]])}
+    step.step(cfg.scaled("seg_start") + 1, batch)
+    assert ("labels", 0.65, 0.25) in seen and ("par", 0.65) in seen and ("labels", 0.7, 0.25) not in seen
+
+
+def test_validation_uses_the_recipe_background(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from more_fast.training import VOC_RECIPE, TrainConfig
+    from more_fast.training import loop
+
+    got = {}
+    monkeypatch.setattr(loop, "evaluate", lambda model, loader, k, device, scales, bkg, **kw: got.update(bkg=bkg) or {})
+    monkeypatch.setattr(loop, "eval_loader", lambda *a: None)
+    monkeypatch.setattr(loop, "format_table", lambda results, it: "")
+    cfg = TrainConfig(**dict(VOC_RECIPE, out=str(tmp_path)))
+    fake = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), model=None, val_set=None, rank=0, world=1,
+                           is_main=False, out=tmp_path, trainer=SimpleNamespace(amp_dtype=None),
+                           log=lambda m: None, _write_metrics=lambda r: None)
+    loop.Trainer.evaluate(fake, 1)
+    assert got["bkg"] == 0.5
+
+
+# ----------------------------------------------------------------------------- 10. pinned pretrained weights
+def test_timm_tag_offline_fails_at_once_with_one_line(monkeypatch):
+    from more_fast import checkpoint as CK
+    from more_fast.cli import config_from_args
+
+    monkeypatch.setattr(CK, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(CK, "_timm_cached_file", lambda tag: None)
+    tag = "vit_base_patch16_224.orig_in21k_ft_in1k"
+    with pytest.raises(ValueError) as err:
+        CK.pretrained_state_dict(f"timm:{tag}")
+    msg = str(err.value)
+    assert "\n" not in msg and f"timm:{tag}" in msg and ".pth" in msg and ".safetensors" in msg
+    assert "jx_vit_base_p16_224-80ecf9dd.pth" in msg
+    with pytest.raises(ValueError, match="no pretrained weights tagged 'vit_nonesuch.x'"):
+        CK.check_pretrained("timm:vit_nonesuch.x")
+    # the recipe's default fails at parse time, naming the flag, before any data is read
+    with pytest.raises(SystemExit) as exit_:
+        config_from_args(["--data", "voc", "--data-root", "."])
+    assert exit_.value.code == 2
+
+
+def test_timm_tag_reads_the_cache_and_local_files_still_work(monkeypatch, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from more_fast import checkpoint as CK
+
+    tiny = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, str(path))
+    # a cached copy: loaded through timm from the file, no network needed
+    monkeypatch.setattr(CK, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(CK, "_timm_cached_file", lambda tag: str(path))
+    real_create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda name, **kw: real_create(name, depth=1, **kw))
+    state = CK.pretrained_state_dict("timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k")
+    for key, value in tiny.state_dict().items():
+        assert torch.equal(state[key], value), key
+    torch.save(tiny.state_dict(), tmp_path / "w.pth")
+    for local in (tmp_path / "w.pth", path):
+        CK.check_pretrained(str(local))
+        assert torch.equal(CK.pretrained_state_dict(str(local))["pos_embed"], tiny.pos_embed)
+    with pytest.raises(ValueError, match="no such file"):
+        CK.check_pretrained(str(tmp_path / "missing.pth"))

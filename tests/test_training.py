@@ -127,7 +127,9 @@ def test_cli_rejects_bad_values_before_work(tmp_path):
         with pytest.raises(SystemExit) as err:
             config_from_args(argv)
         assert err.value.code == 2, argv
-    cfg = config_from_args(["--data", "voc", "--data-root", str(tmp_path)])
+    weights = tmp_path / "vit.pth"  # the recipe's default, timm:<tag>, may need a network: a local file instead
+    weights.touch()
+    cfg = config_from_args(["--data", "voc", "--data-root", str(tmp_path), "--pretrained", str(weights)])
     assert cfg.num_classes == 20 and cfg.crop_size == 448 and cfg.batch_size == 4 and cfg.iters == 20000
     assert cfg.backbone == "vit_base_patch16_224" and cfg.backbone_lr == 6e-5 and cfg.head_lr == 6e-4
 

@@ -19,7 +19,7 @@ class TrainConfig:
     workers: int = 2  # DataLoader workers
     # model
     backbone: str = "vit_tiny_patch16_224"  # any timm ViT name (VOC: vit_base_patch16_224)
-    pretrained: Optional[str] = None  # a local timm .pth/.safetensors file; nothing is downloaded
+    pretrained: Optional[str] = None  # a local timm .pth/.safetensors file, or timm:<tag> (fetched by timm)
     num_registers: int = 4  # R
     topk_ratio: float = 0.5  # GCR k = int(0.5 K)
     gcr_score: str = "published"  # published | dot
@@ -39,12 +39,13 @@ class TrainConfig:
     poly_power: float = 0.9
     # loss schedule (VOC values; scaled with iters when they would not fit, see scaled())
     seg_start: int = 2000  # L_seg and L_reg join after this iteration
-    label_switch: int = 10000  # L_cre / L_ure labels move from the aux CAM to the CAM
+    label_switch: int = 10000  # L_cre / L_ure labels move from the aux CAM to the CAM (COCO: 50,000)
     ptc_start: int = 0  # COCO: 8,000
     lir_start: int = 0  # COCO: 12,000
     cre_temperature: float = 0.5  # VOC 0.5, COCO 0.1
-    w_cre: float = 0.2  # COCO 0.1
-    w_ure: float = 0.1  # COCO 0.01
+    w_cre: float = 0.2  # COCO 0.05 (the published COCO run; its script's default is 0.1)
+    w_ure: float = 0.1  # COCO 0.0 (the published COCO run; its script's default is 0.01)
+    cam_high: float = 0.7  # high threshold of the aux-CAM labels (L_ptc, L_ure) and of PAR (COCO 0.65)
     w_ptc: float = 0.3
     w_seg: float = 0.12
     w_reg: float = 0.05
@@ -54,7 +55,7 @@ class TrainConfig:
     # evaluation and output
     eval_every: int = 400
     log_every: int = 50
-    eval_bkg: float = 0.45  # background score for CAM / aux CAM / LAM label maps in evaluation
+    eval_bkg: float = 0.45  # background score for CAM / aux CAM / LAM label maps in evaluation (VOC 0.5, COCO 0.45)
     num_panels: int = 4  # PNG panels written at each evaluation
     out: str = "runs/default"
     resume: Optional[str] = None
@@ -88,16 +89,19 @@ class TrainConfig:
 
 VOC_RECIPE = dict(
     data="voc", train_split="train_aug", val_split="val", num_classes=20, crop_size=448,
-    backbone="vit_base_patch16_224", iters=20000, recipe_iters=20000, batch_size=4, backbone_lr=6e-5, head_lr=6e-4,
+    backbone="vit_base_patch16_224", pretrained="timm:vit_base_patch16_224.orig_in21k_ft_in1k", iters=20000, recipe_iters=20000, batch_size=4, backbone_lr=6e-5, head_lr=6e-4,
     warmup_iters=1500, seg_start=2000, label_switch=10000, cre_temperature=0.5, w_cre=0.2, w_ure=0.1,
     cam_scales=(1.0, 0.5, 0.75, 1.5), reference_iters=20000, eval_every=2000, log_every=100,
-    eval_bkg=0.45, depth=None, decoder_dim=512, reg_scale=0.5, patch_size=None,
+    eval_bkg=0.5, depth=None, decoder_dim=512, reg_scale=0.5, patch_size=None,
 )
 
+# The published COCO run, as its log's arguments record it (2 GPUs x 4 images; batch_size is per
+# process, so one process takes all 8, and `torchrun --nproc_per_node 2` wants --batch-size 4).
 COCO_RECIPE = dict(
     VOC_RECIPE, data="coco", train_split="train", val_split="val", num_classes=80, iters=80000, recipe_iters=80000,
-    reference_iters=80000, ptc_start=8000, lir_start=12000, seg_start=16000, label_switch=40000,
-    cre_temperature=0.1, w_cre=0.1, w_ure=0.01, cam_scales=(1.0, 0.5, 0.75, 1.25, 1.5), eval_every=8000,
+    batch_size=8, reference_iters=80000, ptc_start=8000, lir_start=12000, seg_start=16000, label_switch=50000,
+    cre_temperature=0.1, w_cre=0.05, w_ure=0.0, cam_high=0.65, eval_bkg=0.45,
+    cam_scales=(1.0, 0.5, 0.75, 1.25, 1.5), eval_every=8000,
 )
 
 RECIPES = {"synthetic": {}, "voc": VOC_RECIPE, "coco": COCO_RECIPE}

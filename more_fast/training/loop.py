@@ -147,7 +147,7 @@ class TrainStep:
         grid = out.grid
         cam = C.resize_to_grid(maps["cam"], grid)
         aux = C.resize_to_grid(maps["aux_cam"], grid)
-        aux_labels = C.cam_labels(aux, cls_labels, 0.7, 0.25)  # B x h x w: L_ptc's, and L_ure's at first
+        aux_labels = C.cam_labels(aux, cls_labels, cfg.cam_high, 0.25)  # B x h x w: L_ptc's, and L_ure's at first
         if it < cfg.scaled("label_switch"):
             cre = C.cam_labels(aux, cls_labels, 0.5, 0.25)
             ure = aux_labels
@@ -156,7 +156,7 @@ class TrainStep:
             ure = cre
         noise = torch.rand(ure.shape[0], ure.shape[1] * ure.shape[2], generator=self.ure_gen, device=self.device)
         ure_index, ure_valid = L.ure_sample(ure, noise)
-        seg = C.par_pseudo_labels(image, maps["cam"], cls_labels) if "seg" in weights else None
+        seg = C.par_pseudo_labels(image, maps["cam"], cls_labels, hi=cfg.cam_high) if "seg" in weights else None
         return StepLabels(aux_labels.flatten(1), cre.flatten(1), ure_index, ure_valid, seg)
 
     def _all_finite(self, total: torch.Tensor) -> bool:
@@ -216,9 +216,9 @@ class Trainer:
                              attn_impl=cfg.attn_impl, depth=cfg.depth, decoder_dim=cfg.decoder_dim,
                              patch_size=cfg.patch_size)
         if cfg.pretrained:
-            from ..checkpoint import read_state_dict
+            from ..checkpoint import pretrained_state_dict
 
-            unused = self.model.encoder.load_pretrained_vit(read_state_dict(cfg.pretrained))
+            unused = self.model.encoder.load_pretrained_vit(pretrained_state_dict(cfg.pretrained))
             self.log(f"initialized the backbone from {cfg.pretrained} ({len(unused)} checkpoint tensors unused)")
         self.model.to(self.device).train()
         self.start_iter = 0
@@ -246,6 +246,11 @@ class Trainer:
         self.log(f"schedule: {t} iterations, running {cfg.iters}; warm-up {cfg.scaled('warmup_iters')}, "
                  f"L_seg/L_reg after {cfg.scaled('seg_start')}, LIR labels from the CAM after "
                  f"{cfg.scaled('label_switch')}{note}")
+        self.log(f"recipe: batch {cfg.batch_size * self.world} ({self.world} x {cfg.batch_size}), CAM scales "
+                 f"{tuple(cfg.cam_scales)}, L_ptc from {cfg.scaled('ptc_start')}, L_cre/L_ure from "
+                 f"{cfg.scaled('lir_start')} (w_cre {cfg.w_cre}, w_ure {cfg.w_ure}, temperature {cfg.cre_temperature}), "
+                 f"aux-CAM/PAR high threshold {cfg.cam_high}, validation background {cfg.eval_bkg}, "
+                 f"pretrained {cfg.pretrained or 'none'}")
 
     def _resume(self, folder: pathlib.Path) -> None:
         state, path = S.load_latest(folder, map_location="cpu")
