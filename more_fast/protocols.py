@@ -1,22 +1,26 @@
 """Evaluation protocols of a trained MoReNet (SPEC 7), used by scripts/evaluate.py and scripts/infer.py.
 
 `train-val`: the validation run during training (more_fast.training.evaluate): images and masks
-resized to crop x crop, the training CAM scales, ground-truth image labels, background 0.45.
+resized to crop x crop, the training CAM scales, ground-truth image labels, the recipe's
+background score (VOC 0.5, COCO 0.45).
 
 `published`: the protocols behind the published numbers, scored at each image's original size:
 - the network input is the image resized (bilinear) to crop x crop (448 for VOC);
 - CAM, aux CAM and LAM: multi-scale + flip maps, scales (1.0, 0.5, 0.75, 1.25, 1.5, 1.75, 2.0)
-  (more_fast.cam.multiscale_maps: max of a map and its flipped twin, ReLU, sum, min-max per class),
-  resized bilinearly to the original size; image labels from the classifier of the scale-1.0
-  pass, sigmoid(logit) > 0.5 (that is logit > 0), the published `cam2seg` choice (its other
-  choice, ground-truth labels, is `image_labels="gt"`); label = argmax over [0.5 | maps of the
-  labelled classes]. An image with no labelled class is all background;
-- decoder: scales (1.0, 1.25, 1.5), each with its flip: the average of the softmax probabilities
-  of the 6 passes, resized to the original size, argmax. (The published script sums the two flips'
-  logits and takes the max over scales; we average probabilities, a proper ensemble whose output
-  is also the CRF's input);
+  (more_fast.cam.multiscale_maps: max of a map and its flipped twin, ReLU for the CAMs only, sum,
+  min-max per class), resized bilinearly to the original size; image labels from the classifier
+  of the scale-1.0 pass, sigmoid(logit) > 0.5 (that is logit > 0), the published `cam2seg`
+  choice (its other choice, ground-truth labels, is `image_labels="gt"`). An image for which the
+  classifier predicts no class takes the classes that the decoder's argmax (scale-1.0 pass, on
+  the patch grid) gives to at least 5 patches (published tools/infer_lam.py). Label = argmax
+  over [0.5 | maps of the labelled classes];
+- decoder (published tools/infer_seg_voc.py, `decoder_protocol="published"`): for each scale
+  (1.0, 1.25, 1.5) the image resized to scale x crop, the decoder logits of it plus the
+  flipped-back logits of its flip, resized bilinearly to the original size; the elementwise max
+  over scales; argmax. `decoder_protocol="mean_prob"` instead averages the softmax probabilities
+  of the 6 passes (a proper ensemble, not the published protocol);
 - optional dense CRF (more_fast.crf, SPEC 7 parameters) on the LAM (scores [1 - max | maps], as
-  published) and on the decoder probabilities.
+  published) and on the decoder (published: the softmax of the max-over-scales logits).
 """
 from __future__ import annotations
 
@@ -78,33 +82,80 @@ def _patch_round(side: int, patch: int) -> int:
     return max(patch, round(side / patch) * patch)
 
 
+DECODER_PROTOCOLS = ("published", "mean_prob")
+FALLBACK_MIN_PIXELS = 5
+
+
 @torch.no_grad()
 def published_maps(model, x: torch.Tensor, cam_scales: Sequence[float] = PUBLISHED_CAM_SCALES,
-                   seg_scales: Sequence[float] = PUBLISHED_SEG_SCALES, amp_dtype=None) -> dict:
-    """Maps of the published protocols at the input size. x: B x 3 x S x S normalized.
+                   seg_scales: Sequence[float] = PUBLISHED_SEG_SCALES, amp_dtype=None,
+                   seg_inputs: Optional[Sequence[torch.Tensor]] = None) -> dict:
+    """Maps of the published protocols. x: B x 3 x S x S normalized.
 
-    Returns logits (B x K), cam / aux_cam / lam (B x K x S x S in [0, 1]) and seg_prob
-    (B x (K+1) x S x S, the mean softmax over seg_scales and flips), all float32.
+    seg_inputs: the decoder's input of each seg scale (B x 3 x s x s); by default x resized, the
+    published script resizes the original image instead (evaluate_published passes that).
+    Returns logits (B x K), cam / aux_cam / lam (B x K x S x S in [0, 1]), seg_grid (B x (K+1) x h x w,
+    the decoder logits of the unflipped scale-1.0 pass on the grid) and seg_logits (one
+    2B x (K+1) x h_s x w_s tensor per seg scale, the decoder logits of [x_s, flip(x_s)] on the
+    grid), all float32.
     """
-    b, _, height, width = x.shape
+    _, _, height, width = x.shape
     patch = model.encoder.patch_size
+    if seg_inputs is None:
+        seg_inputs = [x if scale == 1.0 else F.interpolate(
+            x, size=[_patch_round(int(scale * s), patch) for s in (height, width)], mode="bilinear",
+            align_corners=False) for scale in seg_scales]
+    if len(seg_inputs) != len(seg_scales):
+        raise ValueError(f"seg_inputs: expected one input per seg scale ({len(seg_scales)}), got {len(seg_inputs)}")
     with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
         out = model(x)
         reuse = model.cams(out) + (C.lam_from_tokens(out.patch_tokens, out.class_tokens, out.grid),)
         maps = C.multiscale_maps(model, x, cam_scales, reuse=reuse, with_lam=True)
-        prob = torch.zeros(b, model.num_classes + 1, height, width, device=x.device)
-        for scale in seg_scales:
-            xs = x if scale == 1.0 else F.interpolate(
-                x, size=[_patch_round(int(scale * s), patch) for s in (height, width)], mode="bilinear",
-                align_corners=False)
+        seg_logits = []
+        for xs in seg_inputs:
             feats = model.forward_features(torch.cat([xs, xs.flip(-1)], dim=0))
-            seg = model.decoder(tokens_to_map(feats.patch_tokens, feats.grid)).float()
-            seg = F.interpolate(seg, size=(height, width), mode="bilinear", align_corners=False).softmax(dim=1)
-            prob += seg[:b] + seg[b:].flip(-1)
+            seg_logits.append(model.decoder(tokens_to_map(feats.patch_tokens, feats.grid)).float())
     maps = {name: m.float() for name, m in maps.items()}
     maps["logits"] = out.logits.float()
-    maps["seg_prob"] = prob / (2 * len(seg_scales))
+    maps["seg_grid"] = out.seg.float()
+    maps["seg_logits"] = seg_logits
     return maps
+
+
+def decoder_scores(seg_logits: Sequence[torch.Tensor], index: int, size: Sequence[int],
+                   protocol: str = "published") -> torch.Tensor:
+    """(K+1) x H x W decoder scores of image `index` at `size` from published_maps' seg_logits.
+
+    published: per scale, the logits of x plus the flipped-back logits of flip(x), each resized
+    bilinearly to `size`; the elementwise max over scales (logits; the CRF takes their softmax).
+    mean_prob: the mean of the softmax probabilities of all passes (probabilities).
+    """
+    if protocol not in DECODER_PROTOCOLS:
+        raise ValueError(f"decoder_protocol: expected one of {DECODER_PROTOCOLS}, got {protocol!r}")
+    scores = []
+    for logits in seg_logits:
+        b = logits.shape[0] // 2
+        pair = F.interpolate(logits[index::b], size=tuple(size), mode="bilinear", align_corners=False)  # x, flip x
+        if protocol == "published":
+            scores.append(pair[0] + pair[1].flip(-1))
+        else:
+            prob = pair.softmax(dim=1)
+            scores.append(prob[0] + prob[1].flip(-1))
+    if protocol == "published":
+        return torch.stack(scores).amax(dim=0)
+    return torch.stack(scores).sum(dim=0) / (2 * len(scores))
+
+
+def image_labels_with_fallback(logits: torch.Tensor, seg_grid: torch.Tensor,
+                               min_pixels: int = FALLBACK_MIN_PIXELS) -> torch.Tensor:
+    """B x K image labels: the classifier's (logit > 0); an image with none takes the classes that
+    the decoder's argmax on the grid (B x (K+1) x h x w logits) gives to >= min_pixels patches."""
+    predicted = (logits > 0).float()
+    arg = seg_grid.argmax(dim=1).flatten(1)  # B x hw
+    counts = torch.zeros(seg_grid.shape[0], seg_grid.shape[1], device=seg_grid.device)
+    counts.scatter_add_(1, arg, torch.ones_like(arg, dtype=counts.dtype))
+    from_decoder = (counts[:, 1:] >= min_pixels).float()
+    return torch.where(predicted.sum(dim=1, keepdim=True) > 0, predicted, from_decoder)
 
 
 def _crf_job(args):
@@ -122,13 +173,18 @@ def evaluate_published(model, loader, device: torch.device, crop_size: int,
                        seg_scales: Sequence[float] = PUBLISHED_SEG_SCALES, bkg: float = PUBLISHED_BKG,
                        image_labels: str = "classifier", crf: bool = False, amp_dtype=None,
                        save: Optional[callable] = None, save_map: str = "lam",
-                       executor: Optional[Executor] = None, progress=None) -> dict[str, float]:
+                       executor: Optional[Executor] = None, progress=None,
+                       decoder_protocol: str = "published") -> dict[str, float]:
     """mIoU (percent) of cam, aux_cam, lam, decoder (and lam_crf, decoder_crf with `crf`) over a
     loader of OriginalSize samples (lists of dicts). `save(name, label_map)` receives the chosen
     prediction (`save_map`, its CRF version when `crf`) of every image, H x W uint8 at the
-    original size. Also returns "images" and "labelled_classes" (mean classes per image)."""
+    original size. `decoder_protocol`: "published" (max over scales of the flip-summed logits) or
+    "mean_prob" (mean softmax). Also returns "images" and "labelled_classes" (mean classes per
+    image)."""
     if image_labels not in ("classifier", "gt"):
         raise ValueError(f"image_labels: expected 'classifier' or 'gt', got {image_labels!r}")
+    if decoder_protocol not in DECODER_PROTOCOLS:
+        raise ValueError(f"decoder_protocol: expected one of {DECODER_PROTOCOLS}, got {decoder_protocol!r}")
     if crf:
         from .crf import require_crf
 
@@ -139,10 +195,15 @@ def evaluate_published(model, loader, device: torch.device, crop_size: int,
     confs = {name: torch.zeros(k1, k1, dtype=torch.int64) for name in names}
     count, labelled = 0, 0.0
     for batch in loader:
-        x = network_input([s["image"] for s in batch], crop_size, device)
-        maps = published_maps(model, x, cam_scales, seg_scales, amp_dtype)
-        if image_labels == "classifier":
-            labels = (maps["logits"] > 0).float()  # sigmoid(logit) > 0.5
+        originals = [s["image"] for s in batch]
+        x = network_input(originals, crop_size, device)
+        patch = model.encoder.patch_size
+        # the published decoder script resizes the original image to each scale, not the crop
+        seg_inputs = [x if scale == 1.0 else network_input(originals, _patch_round(int(scale * crop_size), patch), device)
+                      for scale in seg_scales]
+        maps = published_maps(model, x, cam_scales, seg_scales, amp_dtype, seg_inputs=seg_inputs)
+        if image_labels == "classifier":  # sigmoid(logit) > 0.5, else the decoder's classes
+            labels = image_labels_with_fallback(maps["logits"], maps["seg_grid"])
         else:
             labels = torch.stack([s["cls_label"] for s in batch]).to(device).float()
         jobs, preds_all = [], []
@@ -153,13 +214,14 @@ def evaluate_published(model, loader, device: torch.device, crop_size: int,
             for name in ("cam", "aux_cam", "lam"):
                 resized[name] = F.interpolate(maps[name][i:i + 1], size=size, mode="bilinear", align_corners=False)
                 preds[name] = C.map_prediction(resized[name], labels[i:i + 1], bkg)[0].cpu()
-            prob = F.interpolate(maps["seg_prob"][i:i + 1], size=size, mode="bilinear", align_corners=False)
-            preds["decoder"] = prob.argmax(dim=1)[0].cpu()
+            scores = decoder_scores(maps["seg_logits"], i, size, decoder_protocol)
+            preds["decoder"] = scores.argmax(dim=0).cpu()
             if crf:
                 image = sample["image"].permute(1, 2, 0).numpy()
                 present = labels[i].cpu().numpy() > 0
+                prob = scores.softmax(dim=0) if decoder_protocol == "published" else scores
                 jobs.append(("map", image, resized["lam"][0].cpu().numpy(), present))
-                jobs.append(("prob", image, prob[0].cpu().numpy(), None))
+                jobs.append(("prob", image, prob.cpu().numpy(), None))
             preds_all.append(preds)
             labelled += float(labels[i].sum())
         if crf:

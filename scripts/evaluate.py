@@ -6,11 +6,13 @@
 
 Protocols (details in more_fast/protocols.py):
   train-val   the validation of the training loop: crop x crop images and masks, the training
-              CAM scales, ground-truth image labels, background 0.45.
+              CAM scales, ground-truth image labels, the recipe's background (VOC 0.5, COCO 0.45).
   published   SPEC 7, scored at the original image size: input resized to crop x crop (448);
               CAM / aux CAM / LAM from multi-scale + flip maps, scales 1.0 0.5 0.75 1.25 1.5
-              1.75 2.0, image labels from the classifier (sigmoid(logit) > 0.5), background 0.5;
-              decoder from scales 1.0 1.25 1.5 with flips, the mean of the softmax probabilities.
+              1.75 2.0, image labels from the classifier (sigmoid(logit) > 0.5; none predicted:
+              the decoder's classes with >= 5 patches), background 0.5; decoder from scales 1.0
+              1.25 1.5: logits of x plus flipped-back logits of flip(x), max over scales, argmax
+              (--decoder-protocol mean_prob: the mean softmax of the 6 passes instead).
   both        the two, one after the other.
 --crf adds dense-CRF rows (LAM and decoder, SPEC 7 parameters) to the published protocol. It
 needs the optional package pydensecrf2, installed separately: `pip install pydensecrf2`.
@@ -47,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the prediction --save-png writes (default lam: the published 76.4 protocol)")
     p.add_argument("--image-labels", choices=("classifier", "gt"), default="classifier",
                    help="published protocol: image labels of CAM/LAM from the classifier or the ground truth")
+    p.add_argument("--decoder-protocol", choices=("published", "mean_prob"), default="published",
+                   help="published protocol's decoder: max over scales of the flip-summed logits (published) "
+                   "or the mean softmax probability of all passes")
     p.add_argument("--crop-size", type=int, help="network input size (default: the training crop, else 448)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
@@ -150,7 +155,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         try:
             results = evaluate_published(model, loader, device, crop, image_labels=args.image_labels, crf=args.crf,
-                                         amp_dtype=amp, save=save, save_map=args.save_map, executor=executor)
+                                         amp_dtype=amp, save=save, save_map=args.save_map, executor=executor,
+                                         decoder_protocol=args.decoder_protocol)
         except RuntimeError as err:
             if "pydensecrf" in str(err):
                 print(f"error: {err}", file=sys.stderr)

@@ -322,3 +322,99 @@ def test_timm_tag_reads_the_cache_and_local_files_still_work(monkeypatch, tmp_pa
         assert torch.equal(CK.pretrained_state_dict(str(local))["pos_embed"], tiny.pos_embed)
     with pytest.raises(ValueError, match="no such file"):
         CK.check_pretrained(str(tmp_path / "missing.pth"))
+
+
+# ----------------------------------------------------------------------------- 2. decoder protocol
+def _pair(x_logits, flip_logits):
+    return torch.tensor([x_logits, flip_logits], dtype=torch.float32)[:, :, None, None]  # 2 x C x 1 x 1
+
+
+def test_decoder_max_of_flip_summed_logits_where_averaging_disagrees():
+    from more_fast.protocols import decoder_scores
+
+    # scale 1 is sure of class 1; scales 2 and 3 lean to class 2: the max of the summed logits
+    # says 1 (6 > 5), the mean probability says 2 (0.59 > 0.35)
+    seg_logits = [_pair([0, 3, 0], [0, 3, 0]), _pair([0, 0, 2.5], [0, 0, 2.5]), _pair([0, 0, 2.5], [0, 0, 2.5])]
+    published = decoder_scores(seg_logits, 0, (1, 1))
+    torch.testing.assert_close(published[:, 0, 0], torch.tensor([0.0, 6.0, 5.0]))
+    assert int(published.argmax(0)) == 1
+    mean = decoder_scores(seg_logits, 0, (1, 1), "mean_prob")
+    assert int(mean.argmax(0)) == 2 and float(mean.sum()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="decoder_protocol"):
+        decoder_scores(seg_logits, 0, (1, 1), "average")
+
+
+def test_decoder_scores_resize_each_pass_to_the_image_and_flip_back():
+    from more_fast.protocols import decoder_scores
+
+    b, size = 2, (7, 9)
+    seg_logits = [torch.randn(2 * b, 4, 3, 3), torch.randn(2 * b, 4, 4, 4)]
+    for i in range(b):
+        per_scale = []
+        for logits in seg_logits:  # the published loop, per image: resize [x, flip x], sum, then max
+            segs = F.interpolate(logits[[i, b + i]], size=size, mode="bilinear", align_corners=False)
+            per_scale.append(segs[:1] + segs[1:].flip(-1))
+        expected = torch.max(torch.stack(per_scale), dim=0)[0][0]
+        torch.testing.assert_close(decoder_scores(seg_logits, i, size), expected, rtol=0, atol=1e-6)
+
+
+def _samples(sizes, k=3):
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for n, (h, w) in enumerate(sizes):
+        out.append({"image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g),
+                    "mask": torch.randint(0, k + 1, (h, w), generator=g), "cls_label": torch.tensor([1.0, 0, 0]),
+                    "name": f"im{n}"})
+    return out
+
+
+def test_evaluate_published_decoder_matches_the_published_loop():
+    from more_fast.data import normalize
+    from more_fast.protocols import evaluate_published
+
+    model = _tiny()
+    samples = _samples([(40, 56), (64, 48)])
+    saved = {}
+    evaluate_published(model, [samples], torch.device("cpu"), 64, cam_scales=(1.0,), save_map="decoder",
+                       save=lambda name, label: saved.update({name: label}))
+    with torch.no_grad():
+        for s in samples:
+            size = tuple(s["mask"].shape)
+            inputs = normalize(s["image"])[None]  # the published script: the original image, normalized
+            per_scale = []
+            for sc in (1.0, 1.25, 1.5):
+                xs = F.interpolate(inputs, size=[int(64 * sc)] * 2, mode="bilinear", align_corners=False)
+                segs = F.interpolate(model(torch.cat([xs, xs.flip(-1)])).seg, size=size, mode="bilinear",
+                                     align_corners=False)
+                per_scale.append(segs[:1] + segs[1:].flip(-1))
+            expected = torch.max(torch.stack(per_scale), dim=0)[0].argmax(1)[0]
+            assert (torch.from_numpy(saved[s["name"]]).long() == expected).float().mean() > 0.999
+
+
+# ----------------------------------------------------------------------------- 3. LAM label fallback
+def test_image_labels_fall_back_to_decoder_classes_with_five_patches():
+    from more_fast.protocols import image_labels_with_fallback
+
+    seg = torch.zeros(2, 4, 4, 4)  # B = 2, K = 3, 4 x 4 grid; background wins where nothing is set
+    seg[:, 2, 0, :] = 1.0
+    seg[:, 2, 1, 0] = 1.0  # class index 1 (label 2): 5 patches -> kept
+    seg[:, 3, 3, :] = 1.0  # class index 2 (label 3): 4 patches -> dropped
+    logits = torch.zeros(2, 3)  # an all-zero classifier output: no class predicted
+    logits[1, 0] = 2.0  # image 1 has a prediction: it keeps it
+    labels = image_labels_with_fallback(logits, seg)
+    assert labels.tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+
+
+def test_evaluate_published_all_zero_classifier_uses_the_decoder_classes():
+    from more_fast.protocols import evaluate_published, network_input
+
+    model = _tiny()
+    torch.nn.init.zeros_(model.classifier.weight)  # logits 0: sigmoid 0.5, no class predicted
+    samples = _samples([(40, 56), (64, 48)])
+    with torch.no_grad():
+        seg = model(network_input([s["image"] for s in samples], 64, torch.device("cpu"))).seg  # 4 x 4 grid
+    counts = F.one_hot(seg.argmax(1), 4).sum((1, 2))[:, 1:]
+    expected = float((counts >= 5).sum()) / 2
+    assert expected > 0  # the case where "no class" (all background) differs
+    got = evaluate_published(model, [samples], torch.device("cpu"), 64, cam_scales=(1.0,))
+    assert got["labelled_classes"] == pytest.approx(expected)
