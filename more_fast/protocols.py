@@ -149,7 +149,9 @@ def decoder_scores(seg_logits: Sequence[torch.Tensor], index: int, size: Sequenc
 def image_labels_with_fallback(logits: torch.Tensor, seg_grid: torch.Tensor,
                                min_pixels: int = FALLBACK_MIN_PIXELS) -> torch.Tensor:
     """B x K image labels: the classifier's (logit > 0); an image with none takes the classes that
-    the decoder's argmax on the grid (B x (K+1) x h x w logits) gives to >= min_pixels patches."""
+    the decoder's argmax on the grid (B x (K+1) x h x w logits) gives to >= min_pixels patches.
+    (The published loop skips the count for the first class it finds when no patch is background,
+    as it assumes background comes first; here every class is counted.)"""
     predicted = (logits > 0).float()
     arg = seg_grid.argmax(dim=1).flatten(1)  # B x hw
     counts = torch.zeros(seg_grid.shape[0], seg_grid.shape[1], device=seg_grid.device)

@@ -418,3 +418,21 @@ def test_evaluate_published_all_zero_classifier_uses_the_decoder_classes():
     assert expected > 0  # the case where "no class" (all background) differs
     got = evaluate_published(model, [samples], torch.device("cpu"), 64, cam_scales=(1.0,))
     assert got["labelled_classes"] == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------- 12. training-time validation maps
+def test_training_validation_lam_labels_use_the_unrelu_lam_and_the_given_background():
+    from more_fast.data import normalize
+    from more_fast.training.evaluate import predict
+
+    model = _tiny()
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    cls = torch.tensor([[1.0, 0, 1], [0, 1, 0]])
+    scales = (1.0, 0.5)
+    with torch.no_grad():
+        lam, raw_min = _published_lam(model, normalize(images), scales)
+    assert raw_min < 0
+    pred = predict(model, images, cls, scales, 0.5)
+    torch.testing.assert_close(pred["maps"]["lam"], lam, rtol=0, atol=2e-5)
+    scores = torch.cat([torch.full_like(lam[:, :1], 0.5), lam * cls[:, :, None, None]], dim=1)
+    assert (pred["lam"] == scores.argmax(1)).float().mean() > 0.999
