@@ -100,6 +100,8 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
         parser.error(f"--data-root: required with --data {args.data}")
     if args.data_root and args.data != "synthetic" and not pathlib.Path(args.data_root).is_dir():
         parser.error(f"--data-root: no such folder {args.data_root}")
+    if args.resume and args.pretrained is None:  # the checkpoint holds every weight: no fetch of the recipe's
+        values.pop("pretrained", None)
     if values.get("pretrained"):  # a missing file, an unknown tag or no network: stop before any work
         from .checkpoint import check_pretrained
 

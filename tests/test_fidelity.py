@@ -436,3 +436,13 @@ def test_training_validation_lam_labels_use_the_unrelu_lam_and_the_given_backgro
     torch.testing.assert_close(pred["maps"]["lam"], lam, rtol=0, atol=2e-5)
     scores = torch.cat([torch.full_like(lam[:, :1], 0.5), lam * cls[:, :, None, None]], dim=1)
     assert (pred["lam"] == scores.argmax(1)).float().mean() > 0.999
+
+
+def test_resume_needs_no_fetch_of_the_recipe_weights(monkeypatch, tmp_path):
+    from more_fast import checkpoint as CK
+    from more_fast.cli import config_from_args
+
+    monkeypatch.setattr(CK, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(CK, "_timm_cached_file", lambda tag: None)
+    cfg = config_from_args(["--data", "voc", "--data-root", str(tmp_path), "--resume", str(tmp_path)])
+    assert cfg.pretrained is None and cfg.resume == str(tmp_path)
