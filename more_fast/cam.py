@@ -40,9 +40,10 @@ def multiscale_maps(model: MoReNet, images: torch.Tensor, scales: Sequence[float
     For every scale: resize the batch, run the backbone on [x, flip(x)], compute the maps, resize
     to the input size, take the max of a map and its flipped-back twin (ReLU for the CAM and aux
     CAM only: the published multi_scale_lam2 keeps the LAM's negative values, and the min-max
-    below then maps its minimum, not 0, to 0); sum over scales; min-max normalize per image and class. `reuse` = (CAM, aux CAM[, LAM]) of the unflipped
-    scale-1.0 pass (B x K x h x w on the grid, from the training forward): that pass is then not
-    run again, only its flipped twin. `backbone` overrides model.forward_features (a compiled one).
+    below then maps its minimum, not 0, to 0); sum over scales; min-max normalize per image and
+    class. `reuse` = (CAM, aux CAM[, LAM]) of the unflipped scale-1.0 pass (B x K x h x w on the
+    grid, from the training forward): that pass is then not run again, only its flipped twin.
+    `backbone` overrides model.forward_features (a compiled one).
     Returns {"cam", "aux_cam"[, "lam"]}, each B x K x H x W float32 in [0, 1).
     """
     features = backbone if backbone is not None else model.forward_features

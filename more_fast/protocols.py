@@ -201,7 +201,8 @@ def evaluate_published(model, loader, device: torch.device, crop_size: int,
         x = network_input(originals, crop_size, device)
         patch = model.encoder.patch_size
         # the published decoder script resizes the original image to each scale, not the crop
-        seg_inputs = [x if scale == 1.0 else network_input(originals, _patch_round(int(scale * crop_size), patch), device)
+        seg_inputs = [x if scale == 1.0 else
+                      network_input(originals, _patch_round(int(scale * crop_size), patch), device)
                       for scale in seg_scales]
         maps = published_maps(model, x, cam_scales, seg_scales, amp_dtype, seg_inputs=seg_inputs)
         if image_labels == "classifier":  # sigmoid(logit) > 0.5, else the decoder's classes

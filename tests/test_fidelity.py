@@ -249,8 +249,17 @@ def test_high_threshold_reaches_the_aux_cam_labels_and_par(monkeypatch):
 
     seen = []
     real_labels, real_par = C.cam_labels, C.par_pseudo_labels
-    monkeypatch.setattr(C, "cam_labels", lambda cam, cls, hi, lo: seen.append(("labels", hi, lo)) or real_labels(cam, cls, hi, lo))
-    monkeypatch.setattr(C, "par_pseudo_labels", lambda *a, hi=0.7, **k: seen.append(("par", hi)) or real_par(*a, hi=hi, **k))
+
+    def cam_labels(cam, cls, hi, lo):
+        seen.append(("labels", hi, lo))
+        return real_labels(cam, cls, hi, lo)
+
+    def par_pseudo_labels(*args, hi=0.7, **kw):
+        seen.append(("par", hi))
+        return real_par(*args, hi=hi, **kw)
+
+    monkeypatch.setattr(C, "cam_labels", cam_labels)
+    monkeypatch.setattr(C, "par_pseudo_labels", par_pseudo_labels)
     cfg = TrainConfig(num_classes=3, crop_size=32, batch_size=2, depth=2, decoder_dim=16, kernels="reference",
                       cam_scales=(1.0,), cam_high=0.65)
     step = TrainStep(_tiny().train(), cfg, torch.device("cpu"))

@@ -89,7 +89,8 @@ class TrainConfig:
 
 VOC_RECIPE = dict(
     data="voc", train_split="train_aug", val_split="val", num_classes=20, crop_size=448,
-    backbone="vit_base_patch16_224", pretrained="timm:vit_base_patch16_224.orig_in21k_ft_in1k", iters=20000, recipe_iters=20000, batch_size=4, backbone_lr=6e-5, head_lr=6e-4,
+    backbone="vit_base_patch16_224", iters=20000, recipe_iters=20000, batch_size=4, backbone_lr=6e-5, head_lr=6e-4,
+    pretrained="timm:vit_base_patch16_224.orig_in21k_ft_in1k",  # = the published jx_vit_base_p16_224-80ecf9dd.pth
     warmup_iters=1500, seg_start=2000, label_switch=10000, cre_temperature=0.5, w_cre=0.2, w_ure=0.1,
     cam_scales=(1.0, 0.5, 0.75, 1.5), reference_iters=20000, eval_every=2000, log_every=100,
     eval_bkg=0.5, depth=None, decoder_dim=512, reg_scale=0.5, patch_size=None,

@@ -248,7 +248,8 @@ class Trainer:
                  f"{cfg.scaled('label_switch')}{note}")
         self.log(f"recipe: batch {cfg.batch_size * self.world} ({self.world} x {cfg.batch_size}), CAM scales "
                  f"{tuple(cfg.cam_scales)}, L_ptc from {cfg.scaled('ptc_start')}, L_cre/L_ure from "
-                 f"{cfg.scaled('lir_start')} (w_cre {cfg.w_cre}, w_ure {cfg.w_ure}, temperature {cfg.cre_temperature}), "
+                 f"{cfg.scaled('lir_start')} (w_cre {cfg.w_cre}, w_ure {cfg.w_ure}, "
+                 f"temperature {cfg.cre_temperature}), "
                  f"aux-CAM/PAR high threshold {cfg.cam_high}, validation background {cfg.eval_bkg}, "
                  f"pretrained {cfg.pretrained or 'none'}")
 
