@@ -126,7 +126,7 @@ def test_sigterm_to_the_cli_saves_the_step_in_flight_and_resume_ends_bit_for_bit
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGUSR1, 0)])
 def test_sigint_and_sigusr1_exit_codes_and_a_second_signal_while_saving(tmp_path, one_thread, monkeypatch,
-                                                                         capsys, sig, code):
+                                                                         capfd, sig, code):
     """The signal arrives during step 2; a second one arrives while the checkpoint is being written."""
     from more_fast.training.loop import TrainStep
 
@@ -147,7 +147,7 @@ def test_sigint_and_sigusr1_exit_codes_and_a_second_signal_while_saving(tmp_path
     argv = tiny_argv(write_voc(tmp_path / "voc"), tmp_path / "out", 6)
     assert load_script("train").main(argv) == code
     assert signal.getsignal(sig) is before  # handlers restored
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err  # the handler writes to the file descriptor
     assert f"stopped by {sig.name} after iteration 2 of 6: checkpoint" in err
     assert "SIGTERM received while stopping: ignored" in err and "Traceback" not in err
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["ckpt_00000002.pt"]
@@ -182,46 +182,55 @@ def test_checkpoint_cadence_flags_are_validated(tmp_path):
 
 @pytest.fixture
 def bad_voc(tmp_path):
-    """A corrupt JPEG read at iteration 2 and a mask whose size is not its image's read at iteration 4."""
+    """A corrupt JPEG first read at iteration 1 and a mask whose size is not its image's first read at
+    iteration 2 (0-based; each is read again in the next epoch, iterations 3-5)."""
     root = write_voc(tmp_path / "voc")
     names = (root / "ImageSets/Segmentation/train_aug.txt").read_text().split()
-    it_jpeg, jpeg = iteration_reading(5)
-    it_mask, mask = iteration_reading(8)
-    assert (it_jpeg, it_mask) == (2, 4) and jpeg != mask
+    it_jpeg, jpeg = iteration_reading(2)  # an epoch holds every index once: positions 0-5 are the first
+    it_mask, mask = iteration_reading(5)
+    assert (it_jpeg, it_mask) == (1, 2)
     jpeg_path = root / "JPEGImages" / f"{names[jpeg]}.jpg"
     jpeg_path.write_bytes(jpeg_path.read_bytes()[:200])  # truncated: the header reads, the data does not
     mask_path = root / "SegmentationClassAug" / f"{names[mask]}.png"
     save_label_png(mask_path, np.zeros((8, 8), np.uint8))
-    return root, jpeg_path, mask_path
+    return root, jpeg_path, mask_path, {jpeg, mask}
 
 
 def test_corrupt_jpeg_in_a_worker_stops_with_one_line_and_a_checkpoint(tmp_path, bad_voc, one_thread, capsys):
-    root, jpeg, _ = bad_voc
+    root, jpeg, _, _ = bad_voc
     argv = tiny_argv(root, tmp_path / "out", 6)
     argv[argv.index("--workers") + 1] = "1"  # read in a DataLoader worker process
     assert load_script("train").main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert f"image {jpeg} (split 'train_aug') cannot be decoded" in err
-    assert "checkpoint of iteration 2" in err and "--on-bad-sample skip" in err
-    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["ckpt_00000002.pt"]
+    assert "checkpoint of iteration 1" in err and "--on-bad-sample skip" in err
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["ckpt_00000001.pt"]
 
 
 def test_skip_replaces_bad_samples_and_lists_them(tmp_path, bad_voc, one_thread):
-    root, jpeg, mask = bad_voc
+    root, jpeg, mask, bad = bad_voc
+    # a bad sample is replaced by the next index of the split, skipping bad ones in a row too
+    stream = iter(ResumableSampler(NUM_TRAIN, 0))
+    reads = 0
+    for _ in range(6 * BATCH):
+        index = next(stream)[0]
+        while index % NUM_TRAIN in bad:
+            reads, index = reads + 1, index + 1
     logs = []
     cfg = config_from_args(tiny_argv(root, tmp_path / "out", 6, "--on-bad-sample", "skip"))
     Trainer(cfg, log=logs.append).run()
     summary = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert summary["skipped_samples"] == [str(jpeg), str(mask)] and summary["skipped_samples_total"] == 2
+    assert summary["skipped_samples"] == [str(jpeg), str(mask)] and summary["skipped_samples_total"] == reads
     records = [json.loads(r) for r in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["iter"], r["skipped_samples"]) for r in records if "skipped_samples" in r] == [(3, [str(jpeg)]),
-                                                                                               (5, [str(mask)])]
-    assert any(f"skipped 2 unreadable samples (2 files: {jpeg}, {mask})" in line for line in logs)
+    skipped = [(r["iter"], r["skipped_samples"]) for r in records if "skipped_samples" in r]
+    assert skipped[0][0] == 2 and skipped[0][1][0] == str(jpeg) and sum(len(s) for _, s in skipped) == reads
+    assert max(it for it, _ in skipped) > 3  # the second epoch (iterations 4-6) reads them again
+    assert any(f"skipped {reads} unreadable samples (2 files: {jpeg}, {mask})" in line for line in logs)
 
 
 def test_mis_sized_mask_names_both_files(bad_voc):
-    root, _, mask = bad_voc
+    root, _, mask, _ = bad_voc
     ds = voc_dataset(root, "train_aug", True, 32)
     index = ds.mask_paths.index(mask)
     with pytest.raises(BadSample) as err:
