@@ -263,3 +263,53 @@ def test_evaluate_and_infer_report_a_bad_image_and_go_on(tmp_path, one_thread, c
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{images / (val[1] + '.jpg')}" in err and "cannot be decoded" in err
     assert sorted(json.loads((tmp_path / "panels" / "predictions.json").read_text())) == [val[0], val[2]]
+
+
+# scripts/train.py's main() under torchrun; rank 1 alone gets SIGTERM, during its third step
+DDP_WORKER = """
+import importlib.util, json, os, pathlib, signal, sys
+sys.path.insert(0, {repo!r})
+from more_fast.training import loop
+rank, out = int(os.environ["RANK"]), pathlib.Path({out!r})
+step = loop.TrainStep.step
+def signalled_step(self, it, batch):
+    if rank == 1 and it == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return step(self, it, batch)
+loop.TrainStep.step = signalled_step
+run = loop.Trainer.run
+def recording_run(self):
+    try:
+        return run(self)
+    except loop.TrainingStopped as stop:
+        (out / f"rank{{rank}}.json").write_text(json.dumps({{"iteration": stop.iteration, "code": stop.exit_code}}))
+        raise
+loop.Trainer.run = recording_run
+spec = importlib.util.spec_from_file_location("train_script", {script!r})
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+sys.exit(module.main())
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_stop_together_with_one_checkpoint(tmp_path, one_thread):
+    from more_fast.training.loop import STOP_CHECK_EVERY
+
+    root = write_voc(tmp_path / "voc", num_train=8)
+    for split in ("train_aug", "val"):  # the label cache, written once here rather than by two ranks at once
+        voc_dataset(root, split, split == "train_aug", 32)
+    out = tmp_path / "out"
+    out.mkdir()
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER.format(repo=str(REPO), out=str(out), script=str(REPO / "scripts" / "train.py")))
+    env = {k: v for k, v in one_thread.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+           *tiny_argv(root, out, STOP_CHECK_EVERY + 2)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0  # torchrun reports its workers' 143
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks == [{"iteration": STOP_CHECK_EVERY, "code": 143}] * 2, proc.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"ckpt_{STOP_CHECK_EVERY:08d}.pt"]
+    assert proc.stderr.count(f"stopped by SIGTERM after iteration {STOP_CHECK_EVERY}") == 1
+    assert "the same torchrun command with --resume" in proc.stderr
