@@ -118,8 +118,8 @@ def test_sigterm_to_the_cli_saves_the_step_in_flight_and_resume_ends_bit_for_bit
     # the line's resume command, run here: it ends where an uninterrupted run ends
     resume = lines[0].split("resume: ", 1)[1].split()
     assert resume[:2] == ["python", str(REPO / "scripts" / "train.py")]
-    Trainer(config_from_args(resume[2:]), log=lambda m: None).run()
     Trainer(config_from_args(tiny_argv(root, tmp_path / "full", iters)), log=lambda m: None).run()
+    Trainer(config_from_args(resume[2:]), log=lambda m: None).run()
     differ = S.diff_states(final_state(tmp_path / "full", iters), final_state(tmp_path / "stopped", iters))
     assert not differ, f"final checkpoints differ at {differ[:10]}"
 

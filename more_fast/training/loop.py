@@ -230,7 +230,7 @@ class Trainer:
         os.environ["MORE_FAST_KERNELS"] = cfg.kernels
         self.device = pick_device(cfg)
         self.out = pathlib.Path(cfg.out)
-        torch.manual_seed(cfg.seed)
+        S.seed_all(cfg.seed)
         root = resolve_data_root(cfg) if self.is_main else None  # rank 0 alone writes a synthetic set
         if world > 1:
             dist.barrier()

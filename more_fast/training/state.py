@@ -16,6 +16,14 @@ import torch
 CKPT_RE = re.compile(r"ckpt_(\d{8})\.pt$")
 
 
+def seed_all(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators: a run's saved RNG state then depends on
+    its seed alone, not on the entropy its process started with."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
