@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-bkg", type=float, help="background score of the CAM/LAM label maps in evaluation")
     p.add_argument("--on-nonfinite", choices=("stop", "skip"),
                    help="stop (default) or skip the step on a non-finite loss (skip syncs every step)")
-    p.add_argument("--save-every", type=_positive_int,
+    p.add_argument("--save-every", type=_positive_int, metavar="N",
                    help="write a checkpoint every N iterations, besides those at each evaluation and at the end "
                         "(default 200; voc/coco 1000)")
     p.add_argument("--keep-checkpoints", type=_positive_int, metavar="K",

@@ -22,7 +22,6 @@ from more_fast.data.voc import BadSample, voc_dataset
 from more_fast.training import Trainer
 from more_fast.training import state as S
 from more_fast.training.data import ResumableSampler
-from more_fast.training.loop import TrainingStopped
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESUME_STATE = ("model", "optimizer", "scheduler", "rng", "ure_generator", "iteration", "skipped")

@@ -332,7 +332,8 @@ class Trainer:
     def evaluate(self, it: int) -> dict[str, float]:
         cfg = self.cfg
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            report = lambda msg: print(f"warning: validation at iteration {it}: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+            def report(msg: str) -> None:  # every rank reports the unreadable images of its shard
+                print(f"warning: validation at iteration {it}: {msg}", file=sys.stderr, flush=True)
             results = evaluate(self.model, eval_loader(self.val_set, cfg, self.device, self.rank, self.world, report),
                                cfg.num_classes, self.device, cfg.cam_scales, cfg.eval_bkg,
                                amp_dtype=self.trainer.amp_dtype,
