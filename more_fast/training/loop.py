@@ -4,7 +4,8 @@ A step: the training forward (grad); the no-grad multi-scale CAM passes, reusing
 forward for the unflipped scale-1.0 pass; labels from the CAMs (and PAR pseudo labels once the
 decoder joins); the losses; AdamW. With `--compile` the model and the losses are compiled
 (fullgraph). Nothing in the step waits for the device except on logging iterations (and, with
-`on_nonfinite="skip"`, the finiteness check of every step).
+`on_nonfinite="skip"`, the finiteness check of every step; under torchrun, the ranks' agreement on
+stopping every STOP_CHECK_EVERY iterations).
 """
 from __future__ import annotations
 
