@@ -65,13 +65,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-bkg", type=float, help="background score of the CAM/LAM label maps in evaluation")
     p.add_argument("--on-nonfinite", choices=("stop", "skip"),
                    help="stop (default) or skip the step on a non-finite loss (skip syncs every step)")
+    p.add_argument("--save-every", type=_positive_int, metavar="N",
+                   help="write a checkpoint every N iterations, besides those at each evaluation and at the end "
+                        "(default 200; voc/coco 1000)")
+    p.add_argument("--keep-checkpoints", type=_positive_int, metavar="K",
+                   help="after each save delete all checkpoints but the newest K and the best by validation "
+                        "LAM mIoU (default: keep all)")
+    p.add_argument("--on-bad-sample", choices=("stop", "skip"),
+                   help="a training image or mask that cannot be read: stop (default: checkpoint, one line, "
+                        "exit 2) or skip (replace it by another of the split; listed in metrics.jsonl)")
+    p.epilog = STOP_EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     return p
+
+
+STOP_EPILOG = """\
+stopping and resuming:
+  SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 lets the step in flight finish, writes a checkpoint of it
+  (atomically: a second signal cannot leave a partial file), prints where it is and how to resume,
+  and exits with 143 (SIGTERM), 130 (SIGINT) or 0 (SIGUSR1). Under torchrun every rank stops at
+  the same iteration (checked every 10 iterations). Resume with the same flags plus --resume OUT;
+  the resumed run ends exactly where an uninterrupted one would.
+exit status: 0 done (or stopped by SIGUSR1), 2 bad flag, setup error or unreadable training sample
+  (after a checkpoint of the last finished iteration), 3 non-finite loss, 130 SIGINT, 143 SIGTERM."""
 
 
 _FLAG_TO_FIELD = {"batch_size": "batch_size", "crop_size": "crop_size", "eval_every": "eval_every",
                   "log_every": "log_every", "data_root": "data_root", "split_list": "split_list",
                   "schedule_iters": "schedule_iters", "patch_size": "patch_size", "cam_scales": "cam_scales", "num_classes": "num_classes", "eval_bkg": "eval_bkg",
                   "on_nonfinite": "on_nonfinite"}
+_FLAG_TO_FIELD.update(save_every="save_every", keep_checkpoints="keep_checkpoints", on_bad_sample="on_bad_sample")
 
 
 def config_from_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:

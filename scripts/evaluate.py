@@ -63,6 +63,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class SkipUnreadable(torch.utils.data.Dataset):
+    """Published-protocol samples; one whose image or mask cannot be decoded, or whose sizes
+    disagree, becomes {"bad": one-line reason naming the file}, reported and left out."""
+
+    def __init__(self, samples, dataset):
+        self.samples, self.dataset = samples, dataset
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        from more_fast.data.voc import BadSample
+
+        try:
+            sample = self.samples[index]
+            if sample["mask"].shape == sample["image"].shape[1:]:
+                return sample
+        except (OSError, SyntaxError, ValueError):
+            pass
+        try:
+            self.dataset.load(index)  # decodes again, to name the file and the reason
+        except BadSample as err:
+            return {"bad": str(err)}
+        return self.samples[index]  # not a decoding problem: let it raise with its traceback
+
+
+def warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -87,7 +117,7 @@ def main(argv=None) -> int:
     from more_fast.data import save_label_png
     from more_fast.protocols import OriginalSize, collate_list, evaluate_published
     from more_fast.training.config import RECIPES, TrainConfig
-    from more_fast.training.data import build_dataset, eval_loader, resolve_data_root
+    from more_fast.training.data import build_dataset, eval_loader, resolve_data_root, skip_bad
     from more_fast.training.evaluate import evaluate
 
     device = resolve_device(args.device)
@@ -131,7 +161,7 @@ def main(argv=None) -> int:
 
     if args.protocol in ("train-val", "both"):
         t0 = time.perf_counter()
-        results = evaluate(model, eval_loader(dataset, cfg, device), k, device, cfg.cam_scales, cfg.eval_bkg,
+        results = evaluate(model, eval_loader(dataset, cfg, device, report=warn), k, device, cfg.cam_scales, cfg.eval_bkg,
                            amp_dtype=amp)
         print(format_rows(f"train-val protocol (scales {tuple(cfg.cam_scales)}, ground-truth image labels, "
                           f"background {cfg.eval_bkg}, at {crop} x {crop}; {time.perf_counter() - t0:.0f} s)", results))
@@ -145,8 +175,9 @@ def main(argv=None) -> int:
 
             def save(name, label):
                 save_label_png(folder / f"{name}.png", label)
-        loader = torch.utils.data.DataLoader(OriginalSize(dataset), batch_size=args.batch_size, shuffle=False,
-                                             num_workers=args.workers, collate_fn=collate_list)
+        loader = torch.utils.data.DataLoader(SkipUnreadable(OriginalSize(dataset), dataset), batch_size=args.batch_size,
+                                             shuffle=False, num_workers=args.workers, collate_fn=collate_list)
+        loader = skip_bad(loader, warn)  # a bad image: one line, and the rest evaluated
         executor = None
         if args.crf and args.crf_workers > 0:
             from concurrent.futures import ProcessPoolExecutor

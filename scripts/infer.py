@@ -98,8 +98,13 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report = {}
     for path in paths:
-        with Image.open(path) as pil:
-            rgb = pil.convert("RGB").resize((crop, crop), Image.BILINEAR)
+        try:
+            with Image.open(path) as pil:
+                rgb = pil.convert("RGB").resize((crop, crop), Image.BILINEAR)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            reason = " ".join(str(err).split()) or type(err).__name__
+            print(f"skipped: image {path} cannot be decoded: {type(err).__name__}: {reason}", file=sys.stderr)
+            continue
         image = np.array(rgb)  # crop x crop x 3
         x = normalize(torch.from_numpy(image).permute(2, 0, 1)[None], device)
         with torch.no_grad():
@@ -127,7 +132,10 @@ def main(argv=None) -> int:
         report[path.stem] = {names[c]: round(float(prob[c]), 4) for c in torch.nonzero(labels).flatten().tolist()}
         print(f"{path.name}: {', '.join(report[path.stem]) or '-'}")
     (out / "predictions.json").write_text(json.dumps(report, indent=2))
-    print(f"wrote {len(paths)} panels (image | CAM | LAM | class-patch attention | {args.prediction}) to {out}")
+    if not report:
+        print(f"error: --images: none of the {len(paths)} images in {folder} could be decoded", file=sys.stderr)
+        return 2
+    print(f"wrote {len(report)} panels (image | CAM | LAM | class-patch attention | {args.prediction}) to {out}")
     return 0
 
 

@@ -31,6 +31,28 @@ VOC_CLASSES: tuple[str, ...] = (
 IGNORE_INDEX = 255
 
 
+class BadSample(ValueError):
+    """An image or mask of a split that cannot be decoded, or a mask whose size is not its image's.
+
+    Found when a sample is read (possibly in a DataLoader worker), long after the data set was
+    listed; `path` is the offending file, `split` its split, and the message is one line."""
+
+    def __init__(self, message: str, path: str | os.PathLike = "", split: str = "") -> None:
+        super().__init__(message)
+        self.path, self.split = str(path), split
+
+
+# what PIL raises for a file it cannot decode: unidentified or truncated data (OSError), a
+# corrupt header (SyntaxError), a bad mode (ValueError, from read_mask), a decompression bomb
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _decode_error(what: str, path: Path, split: str, err: BaseException) -> BadSample:
+    reason = " ".join(str(err).split()) or type(err).__name__
+    return BadSample(f"{what} {path} (split {split!r}) cannot be decoded: {type(err).__name__}: {reason}",
+                     path, split)
+
+
 def read_split(root: str | os.PathLike, split: str,
                split_list: str | os.PathLike | None = None) -> list[str]:
     """Names listed in `split_list`, default `<root>/ImageSets/Segmentation/<split>.txt`.
@@ -94,7 +116,10 @@ class SegmentationDataset(Dataset):
                 raise FileNotFoundError(f"image {path} (split {split!r}) not found")
         self.mask_paths = [self.root / mask_dir / f"{name}.png" for name in self.names]
         self.has_masks = _all_or_none(self.mask_paths, "mask", split)
-        self.cls_labels = self._image_labels(cache_dir, class_names)
+        try:
+            self.cls_labels = self._image_labels(cache_dir, class_names)
+        except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+            raise self._undecodable_mask(err) from err
         self.transform = train_transform(crop_size) if train else eval_transform(crop_size)
 
     def _image_labels(self, cache_dir: str | os.PathLike | None,
@@ -110,20 +135,43 @@ class SegmentationDataset(Dataset):
         return cached_labels(resolve_cache_dir(self.root, cache_dir), self.split, sources,
                              self.num_classes, compute)
 
+    def _undecodable_mask(self, err: BaseException) -> BaseException:
+        """The first mask that cannot be decoded, named (PIL's own message may omit the file)."""
+        for path in self.mask_paths if self.has_masks else ():
+            try:
+                read_mask(path)
+            except _DECODE_ERRORS as bad:
+                return _decode_error("mask", path, self.split, bad)
+        return err
+
     def __len__(self) -> int:
         return len(self.names)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str | int]:
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoded image (uint8 3 x H x W) and mask (uint8 H x W) of sample `index`, untransformed.
+
+        Raises BadSample naming the file when either cannot be decoded or their sizes disagree."""
         image_path = self.image_paths[index]
-        with Image.open(image_path) as pil:
-            image = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1).contiguous()
+        try:
+            with Image.open(image_path) as pil:
+                image = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1).contiguous()
+        except _DECODE_ERRORS as err:
+            raise _decode_error("image", image_path, self.split, err) from err
         if self.has_masks:
-            mask = torch.from_numpy(read_mask(self.mask_paths[index]))
+            try:
+                mask = torch.from_numpy(read_mask(self.mask_paths[index]))
+            except _DECODE_ERRORS as err:
+                raise _decode_error("mask", self.mask_paths[index], self.split, err) from err
             if mask.shape != image.shape[1:]:
-                raise ValueError(f"mask {self.mask_paths[index]} is {tuple(mask.shape)}, image "
-                                 f"{image_path} is {tuple(image.shape[1:])} (split {self.split!r})")
+                raise BadSample(f"mask {self.mask_paths[index]} is {tuple(mask.shape)}, image "
+                                f"{image_path} is {tuple(image.shape[1:])} (split {self.split!r})",
+                                self.mask_paths[index], self.split)
         else:
             mask = torch.full(image.shape[1:], IGNORE_INDEX, dtype=torch.uint8)
+        return image, mask
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str | int]:
+        image, mask = self.load(index)
         image, mask = apply_joint(self.transform, image, mask)
         return {"image": image, "mask": mask.long(),
                 "cls_label": torch.tensor(self.cls_labels[index]),

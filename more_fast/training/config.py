@@ -60,6 +60,9 @@ class TrainConfig:
     out: str = "runs/default"
     resume: Optional[str] = None
     seed: int = 0
+    save_every: int = 200  # checkpoint cadence in iterations, besides evaluations and the end (VOC/COCO: 1,000)
+    keep_checkpoints: Optional[int] = None  # keep the newest K and the best by validation LAM mIoU; None: all
+    on_bad_sample: str = "stop"  # an unreadable training sample: stop (checkpoint, exit 2) | skip (replace, list)
     # speed
     amp: bool = False  # bf16 autocast (on the CPU only where it is not slower)
     compile: bool = False
@@ -94,6 +97,7 @@ VOC_RECIPE = dict(
     warmup_iters=1500, seg_start=2000, label_switch=10000, cre_temperature=0.5, w_cre=0.2, w_ure=0.1,
     cam_scales=(1.0, 0.5, 0.75, 1.5), reference_iters=20000, eval_every=2000, log_every=100,
     eval_bkg=0.5, depth=None, decoder_dim=512, reg_scale=0.5, patch_size=None,
+    save_every=1000,
 )
 
 # The published COCO run, as its log's arguments record it (2 GPUs x 4 images; batch_size is per

@@ -8,12 +8,14 @@ exactly the batches that an uninterrupted run sees, with any number of DataLoade
 from __future__ import annotations
 
 import pathlib
-from typing import Iterator, Optional
+import signal
+from typing import Iterable, Iterator, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from .. import data as D
+from ..data.voc import BadSample
 from .config import TrainConfig
 
 _MIX = (1 << 61) - 1
@@ -50,7 +52,57 @@ class ResumableSampler(Sampler):
 
 
 class SeededSamples(Dataset):
-    """Wraps a data set so that sample (index, seed) is augmented under its own RNG seed."""
+    """Wraps a data set so that sample (index, seed) is augmented under its own RNG seed.
+
+    Every sample carries "bad": "" when it was read as listed. A sample that cannot be read
+    (BadSample) is, with on_bad="stop", a zero placeholder whose "bad" is "path<TAB>reason" (the
+    training loop stops before using its batch); with on_bad="skip", the next readable sample
+    of the split in index order, augmented under the same seed (so a resumed run replaces it
+    the same way), with a "path<TAB>reason" line per sample passed over in "bad". The
+    decision is the loop's: a worker cannot stop the run, it can only report.
+    """
+
+    def __init__(self, dataset: Dataset, on_bad: str = "stop"):
+        if on_bad not in ("stop", "skip"):
+            raise ValueError(f"on_bad: expected 'stop' or 'skip', got {on_bad!r}")
+        self.dataset, self.on_bad = dataset, on_bad
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, seed = key
+        reasons = []
+        for step in range(len(self.dataset)):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                try:
+                    sample = self.dataset[(index + step) % len(self.dataset)]
+                except BadSample as err:
+                    reasons.append(f"{err.path}\t{err}")
+                    if self.on_bad == "stop":
+                        return self._placeholder(index, reasons[-1])
+                    continue
+            sample["bad"] = "\n".join(reasons)
+            return sample
+        raise BadSample(f"no sample of the split can be read; the first: {reasons[0].split(chr(9), 1)[1]}")
+
+    def _placeholder(self, index: int, reason: str) -> dict:
+        ds, crop = self.dataset, self.dataset.crop_size
+        return {"image": torch.zeros(3, crop, crop, dtype=torch.uint8),
+                "mask": torch.zeros(crop, crop, dtype=torch.long),
+                "cls_label": torch.zeros(ds.num_classes), "name": "", "index": index, "bad": reason}
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """In a DataLoader worker: the main process owns SIGINT / SIGTERM / SIGUSR1 (it saves and stops
+    the run); a worker killed or interrupted by them would make the main process fail mid-step."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class SkipBad(Dataset):
+    """Evaluation: a sample that cannot be read becomes {"bad": reason}; see `skip_bad`."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -58,11 +110,49 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        index, seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+    def __getitem__(self, index: int) -> dict:
+        try:
             return self.dataset[index]
+        except BadSample as err:
+            return {"bad": str(err)}
+
+
+def collate_skipping_bad(batch: list) -> dict:
+    good = [s for s in batch if "bad" not in s]
+    out = default_collate(good) if good else {}
+    out["bad"] = [s["bad"] for s in batch if "bad" in s]
+    return out
+
+
+def skip_bad(loader: Iterable, report=print) -> Iterator:
+    """The batches of an evaluation loader over SkipBad samples, each unreadable sample reported
+    in one line (`report`) and left out; a batch with nothing left is not yielded. Batches are
+    dicts (collate_skipping_bad) or lists of samples."""
+    for batch in loader:
+        if isinstance(batch, dict):
+            bad = batch.pop("bad", [])
+            empty = "image" not in batch
+        else:
+            bad = [s["bad"] for s in batch if "bad" in s]
+            batch = [s for s in batch if "bad" not in s]
+            empty = not batch
+        for reason in bad:
+            report(f"skipped: {reason}")
+        if not empty:
+            yield batch
+
+
+class _SkippingLoader:
+    """A DataLoader whose iteration reports and leaves out unreadable samples (see skip_bad)."""
+
+    def __init__(self, loader: DataLoader, report):
+        self.loader, self.report = loader, report
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        return skip_bad(self.loader, self.report)
 
 
 def resolve_data_root(cfg: TrainConfig) -> pathlib.Path:
@@ -90,16 +180,21 @@ def build_dataset(cfg: TrainConfig, root: pathlib.Path, split: str, train: bool,
 
 
 def train_loader(dataset: Dataset, cfg: TrainConfig, start_sample: int, device: torch.device,
-                 rank: int = 0, world: int = 1) -> DataLoader:
+                 rank: int = 0, world: int = 1, on_bad: str = "stop") -> DataLoader:
     sampler = ResumableSampler(len(dataset), cfg.seed, start_sample, rank, world)
-    return DataLoader(SeededSamples(dataset), batch_size=cfg.batch_size, sampler=sampler,
+    # a generator of its own: the loader's draw of its workers' base seed would otherwise advance
+    # the global RNG once per run, so a resumed run's RNG state would differ from an uninterrupted one's
+    return DataLoader(SeededSamples(dataset, on_bad), batch_size=cfg.batch_size, sampler=sampler,
                       num_workers=cfg.workers, pin_memory=device.type == "cuda", drop_last=True,
-                      persistent_workers=cfg.workers > 0)
+                      persistent_workers=cfg.workers > 0, worker_init_fn=ignore_stop_signals,
+                      generator=torch.Generator().manual_seed(cfg.seed))
 
 
 def eval_loader(dataset: Dataset, cfg: TrainConfig, device: torch.device, rank: int = 0,
-                world: int = 1) -> DataLoader:
+                world: int = 1, report=print) -> _SkippingLoader:
+    """Evaluation batches of this rank's shard; an unreadable sample is reported in one line and skipped."""
     indices = list(range(rank, len(dataset), world))  # a shard per rank; confusion matrices are summed
-    subset = torch.utils.data.Subset(dataset, indices)
-    return DataLoader(subset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers,
-                      pin_memory=device.type == "cuda")
+    subset = torch.utils.data.Subset(SkipBad(dataset), indices)
+    return _SkippingLoader(DataLoader(subset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers,
+                                      pin_memory=device.type == "cuda", collate_fn=collate_skipping_bad,
+                                      worker_init_fn=ignore_stop_signals), report)

@@ -4,7 +4,8 @@ A step: the training forward (grad); the no-grad multi-scale CAM passes, reusing
 forward for the unflipped scale-1.0 pass; labels from the CAMs (and PAR pseudo labels once the
 decoder joins); the losses; AdamW. With `--compile` the model and the losses are compiled
 (fullgraph). Nothing in the step waits for the device except on logging iterations (and, with
-`on_nonfinite="skip"`, the finiteness check of every step).
+`on_nonfinite="skip"`, the finiteness check of every step; under torchrun, the ranks' agreement on
+stopping every STOP_CHECK_EVERY iterations).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import json
 import math
 import os
 import pathlib
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -36,6 +39,30 @@ TERMS = ("cls", "aux", "mct", "ptc", "cre", "ure", "seg", "reg")
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class BadSampleStop(RuntimeError):
+    """A training sample could not be read; the message (one line) names it and the checkpoint."""
+
+
+class TrainingStopped(Exception):
+    """A stop signal ended the run after a checkpoint of the step in flight."""
+
+    def __init__(self, signum: int, iteration: int, iters: int, path: pathlib.Path, out: pathlib.Path):
+        self.signum, self.iteration, self.iters, self.path, self.out = signum, iteration, iters, path, out
+        self.exit_code = S.STOP_SIGNALS[signum]
+        super().__init__(f"stopped by {signal_name(signum)} after iteration {iteration} of {iters}: checkpoint {path}")
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+# under torchrun the ranks agree on stopping (a signal, or an unreadable sample on any rank) every
+# this many iterations: one tiny all-reduce, a host sync, then rather than at every step
+STOP_CHECK_EVERY = 10
+# validation map whose mIoU picks the best checkpoint, the one --keep-checkpoints always keeps
+BEST_MAP = "lam"
 
 
 def loss_weights(cfg: TrainConfig, it: int) -> dict[str, float]:
@@ -205,7 +232,7 @@ class Trainer:
         os.environ["MORE_FAST_KERNELS"] = cfg.kernels
         self.device = pick_device(cfg)
         self.out = pathlib.Path(cfg.out)
-        torch.manual_seed(cfg.seed)
+        S.seed_all(cfg.seed)
         root = resolve_data_root(cfg) if self.is_main else None  # rank 0 alone writes a synthetic set
         if world > 1:
             dist.barrier()
@@ -228,6 +255,7 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=False)  # every parameter gets a gradient (TrainStep adds 0 * seg)
         self.trainer = TrainStep(self.model, cfg, self.device, wrapped)
+        self.best, self.bad_samples, self.bad_count = None, [], 0  # (iteration, mIoU); unreadable files, skips
         if cfg.resume:
             self._resume(pathlib.Path(cfg.resume))
         self.log(f"device {self.device} | {self.trainer.amp_note} | compile {'on' if cfg.compile else 'off'} | "
@@ -265,6 +293,8 @@ class Trainer:
         t.ure_gen.set_state(state["ure_generator"])
         self.start_iter = int(state["iteration"])
         t.skipped = int(state.get("skipped", 0))
+        self.best = tuple(state["best"]) if state.get("best") else None
+        self.bad_samples, self.bad_count = list(state.get("bad_samples", [])), int(state.get("bad_count", 0))
         self.log(f"resumed from {path} at iteration {self.start_iter}")
 
     def save(self, iteration: int) -> pathlib.Path:
@@ -279,8 +309,13 @@ class Trainer:
                 "ure_generator": self.trainer.ure_gen.get_state(),
                 "iteration": iteration,
                 "skipped": self.trainer.skipped,
+                "best": self.best,
+                "bad_samples": self.bad_samples,
+                "bad_count": self.bad_count,
                 "config": self.cfg.to_dict(),
             }, path)
+            if self.cfg.keep_checkpoints:
+                S.prune_checkpoints(self.out, self.cfg.keep_checkpoints, self.best[0] if self.best else None)
         return path
 
     # ---------------------------------------------------------------- the run
@@ -305,7 +340,9 @@ class Trainer:
     def evaluate(self, it: int) -> dict[str, float]:
         cfg = self.cfg
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            results = evaluate(self.model, eval_loader(self.val_set, cfg, self.device, self.rank, self.world),
+            def report(msg: str) -> None:  # every rank reports the unreadable images of its shard
+                print(f"warning: validation at iteration {it}: {msg}", file=sys.stderr, flush=True)
+            results = evaluate(self.model, eval_loader(self.val_set, cfg, self.device, self.rank, self.world, report),
                                cfg.num_classes, self.device, cfg.cam_scales, cfg.eval_bkg,
                                amp_dtype=self.trainer.amp_dtype,
                                panel_dir=self.out / "panels" / f"iter_{it:08d}" if self.is_main else None,
@@ -321,14 +358,68 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def run(self) -> dict[str, float]:
+        # before the loader forks its workers, which then inherit handlers that leave stopping to us
+        self.stop = S.StopSignals(quiet=not self.is_main).install()
+        try:
+            return self._run()
+        finally:
+            self.stop.restore()
+
+    def _bad_batch(self, batch: dict, it: int) -> None:
+        """Act on the unreadable samples a batch reports (SeededSamples: "path\tmessage" lines)."""
+        lines = [line for entry in batch.get("bad", ()) for line in entry.splitlines() if line]
+        if not lines:
+            return
+        if self.cfg.on_bad_sample == "stop":
+            if self.world == 1:  # the batch holds a placeholder: stop before using it
+                raise self._stop_on_bad(lines[0].split("\t", 1)[1], it)
+            self._bad_pending = lines[0].split("\t", 1)[1]  # replaced meanwhile; the ranks stop at the next check
+            return
+        for line in lines:
+            path, message = line.split("\t", 1)
+            self.bad_count += 1
+            if path not in self.bad_samples:
+                self.bad_samples.append(path)
+                print(f"warning: skipped, replaced by another sample of the split: {message}", file=sys.stderr, flush=True)
+        self._write_metrics({"iter": it + 1, "skipped_samples": [line.split("\t", 1)[0] for line in lines],
+                             "skipped_samples_total": self.bad_count})
+
+    def _stop_on_bad(self, message: str, n: int) -> BadSampleStop:
+        """Save iteration n (the last finished one) and describe the stop in one line."""
+        if n > 0:
+            where = f"checkpoint of iteration {n}: {self.save(n)}"
+        else:
+            where = "no iteration had finished: nothing saved"
+        if self.world > 1:
+            dist.barrier()  # every rank leaves after the checkpoint is complete
+        if message is None:
+            message = "an unreadable training sample on another rank (named in that rank's message)"
+        return BadSampleStop(f"{message}; {where}; fix or remove it from the split list (or pass --on-bad-sample "
+                             f"skip) and resume with --resume {self.out}")
+
+    def _agree_to_stop(self, done: int) -> tuple[int, bool]:
+        """(stop signal, an unreadable sample in stop mode) as the ranks agree, at the check cadence."""
+        if self.world == 1:
+            return self.stop.signum, False
+        if done % STOP_CHECK_EVERY and done != self.cfg.iters:
+            return 0, False
+        flags = torch.tensor([self.stop.signum, int(self._bad_pending is not None)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        signum, bad = flags.tolist()
+        return int(signum), bool(bad)
+
+    def _run(self) -> dict[str, float]:
         cfg = self.cfg
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         if self.start_iter >= cfg.iters:
             self.log(f"nothing to do: the checkpoint is at iteration {self.start_iter} >= --iters {cfg.iters}")
+        # under torchrun a rank cannot stop alone: an unreadable sample is replaced until the ranks agree
+        on_bad = cfg.on_bad_sample if self.world == 1 else "skip"
+        self._bad_pending: Optional[str] = None
         loader = iter(train_loader(self.train_set, cfg, self.start_iter * cfg.batch_size, self.device,
-                                   self.rank, self.world))
+                                   self.rank, self.world, on_bad))
         m = self.model.encoder
         flops = step_flops(cfg.crop_size, cfg.batch_size * self.world, m.embed_dim, len(m.blocks),
                            m.num_prefix, cfg.num_classes, cfg.cam_scales, m.patch_size, cfg.decoder_dim)
@@ -337,7 +428,9 @@ class Trainer:
         t_last, it_last, t_start = time.perf_counter(), self.start_iter, time.perf_counter()
         evaluated_at = -1
         for it in range(self.start_iter, cfg.iters):
-            total, terms = self.trainer.step(it, next(loader))
+            batch = next(loader)
+            self._bad_batch(batch, it)
+            total, terms = self.trainer.step(it, batch)
             done = it + 1
             if done % cfg.log_every == 0 or done == cfg.iters or done == self.start_iter + 1:
                 if self.device.type == "cuda":
@@ -359,18 +452,44 @@ class Trainer:
                          f"{ips:.1f} img/s | {flops / sec_per_it / 1e12:.3f} TFLOP/s{mfu} | ETA {eta}")
                 self._write_metrics({"iter": done, **values, "lr": lr[0], "img_per_s": ips,
                                      "skipped": self.trainer.skipped, **gpu_telemetry(self.device)})
+            saved = None
             if done % cfg.eval_every == 0 or done == cfg.iters:
                 if cfg.on_nonfinite == "stop":  # never write a checkpoint of a diverged model
                     self._check_finite(done, self._reduce({"loss": total, **terms}))
                 results = self.evaluate(done)
                 evaluated_at = done
-                path = self.save(done)
-                self.log(f"checkpoint {path}")
+                if BEST_MAP in results and (self.best is None or results[BEST_MAP] > self.best[1]):
+                    self.best = (done, results[BEST_MAP])
+                saved = self.save(done)
+                self.log(f"checkpoint {saved}")
                 t_last = time.perf_counter()  # evaluation time is not training throughput
+            elif done % cfg.save_every == 0:
+                if cfg.on_nonfinite == "stop":
+                    self._check_finite(done, self._reduce({"loss": total, **terms}))
+                saved = self.save(done)
+                self.log(f"checkpoint {saved}")
+                t_last = time.perf_counter()
+            signum, bad = self._agree_to_stop(done)
+            if bad:
+                raise self._stop_on_bad(self._bad_pending, done)
+            if signum and done < cfg.iters:
+                if saved is None:
+                    if cfg.on_nonfinite == "stop":
+                        self._check_finite(done, self._reduce({"loss": total, **terms}))
+                    saved = self.save(done)
+                self._write_metrics({"iter": done, "stopped": signal_name(signum), "checkpoint": str(saved)})
+                if self.world > 1:
+                    dist.barrier()  # every rank leaves after the checkpoint is complete
+                raise TrainingStopped(signum, done, cfg.iters, saved, self.out)
         if evaluated_at < 0 and self.start_iter >= cfg.iters:
             results = self.evaluate(self.start_iter)
         if self.is_main:
-            (self.out / "results.json").write_text(json.dumps({"iter": cfg.iters, "miou": results}, indent=2))
+            summary = {"iter": cfg.iters, "miou": results}
+            if self.bad_count:
+                summary.update(skipped_samples=self.bad_samples, skipped_samples_total=self.bad_count)
+                self.log(f"skipped {self.bad_count} unreadable samples ({len(self.bad_samples)} files: "
+                         f"{', '.join(self.bad_samples)}), each replaced by another of the split")
+            (self.out / "results.json").write_text(json.dumps(summary, indent=2))
             self.log(f"done in {format_eta(time.perf_counter() - t_start)}; outputs in {self.out} "
                      f"(metrics.jsonl, results.json, panels/, checkpoints/)")
         return results

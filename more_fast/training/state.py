@@ -1,17 +1,27 @@
-"""Checkpoints: written atomically, holding everything needed to resume exactly (SPEC, issue 9)."""
+"""Checkpoints: written atomically, holding everything needed to resume exactly; stop signals."""
 from __future__ import annotations
 
 import os
 import pathlib
 import random
 import re
+import signal
 import sys
+import threading
 from typing import Optional
 
 import numpy as np
 import torch
 
 CKPT_RE = re.compile(r"ckpt_(\d{8})\.pt$")
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators: a run's saved RNG state then depends on
+    its seed alone, not on the entropy its process started with."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict:
@@ -33,11 +43,15 @@ def save_atomic(obj: dict, path: pathlib.Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # readers see the old file or the complete new one, never a part
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def checkpoint_path(out: pathlib.Path, iteration: int) -> pathlib.Path:
@@ -68,3 +82,72 @@ def load_latest(folder: pathlib.Path, map_location="cpu") -> tuple[Optional[dict
             print(f"warning: checkpoint {path} is unreadable ({type(err).__name__}: {err}); "
                   "trying the previous one", file=sys.stderr)
     return None, None
+
+
+def prune_checkpoints(out: pathlib.Path, keep: int, protect: Optional[int] = None) -> list[pathlib.Path]:
+    """Delete all but the newest `keep` checkpoints of `out`, sparing the one at iteration `protect`
+    (the best by validation mIoU). Returns the deleted paths."""
+    found = list_checkpoints(out) if pathlib.Path(out).exists() else []
+    doomed = [p for p in found[keep:] if protect is None or int(CKPT_RE.search(p.name).group(1)) != protect]
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed
+
+
+def diff_states(a, b, where: str = "") -> list[str]:
+    """Where two checkpoint states differ: tensors compared with torch.equal (bit for bit), dicts,
+    lists and tuples entry by entry, anything else with ==. An empty list: identical."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        same = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and torch.equal(a, b))
+        return [] if same else [where or "."]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{where}: keys {sorted(map(str, a.keys() ^ b.keys()))}"]
+        return [d for k in a for d in diff_states(a[k], b[k], f"{where}/{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{where}: lengths {len(a)} and {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in diff_states(x, y, f"{where}[{i}]")]
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return [] if np.array_equal(a, b) else [where or "."]
+    return [] if a == b else [where or "."]
+
+
+# the exit status after a stop signal: 128 + the signal for SIGINT and SIGTERM, as a shell reports a
+# process they ended; 0 for SIGUSR1, the pre-emption warning: the run saved and stopped as asked
+STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 0}
+
+
+class StopSignals:
+    """SIGINT, SIGTERM and SIGUSR1 set `signum` instead of ending the process; the training loop
+    polls it after each step, saves and stops. A second signal while stopping changes nothing
+    (the checkpoint is written to a temporary file and renamed, and the process exits right after
+    it); SIGKILL still ends the process, leaving the previous checkpoints intact."""
+
+    def __init__(self, quiet: bool = False):
+        self.signum = 0
+        self.quiet = quiet
+        self._pid = os.getpid()
+        self._previous: dict = {}
+
+    def install(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked DataLoader worker: the main process stops the run
+            return
+        if self.signum:
+            if not self.quiet:  # os.write: a handler may run while the main thread is inside print()
+                os.write(2, f"{signal.Signals(signum).name} received while stopping: ignored; the checkpoint "
+                            "is being written and the run exits right after it\n".encode())
+            return
+        self.signum = signum
