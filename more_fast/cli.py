@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=_positive_int, help="ViT patch size (default: the named model's)")
     p.add_argument("--pretrained", help="backbone weights: a local timm ViT file (.pth or .safetensors) or "
                    "timm:<tag>, fetched by timm (voc/coco default: timm:vit_base_patch16_224.orig_in21k_ft_in1k, "
-                   "the published jx_vit_base_p16_224-80ecf9dd.pth)")
+                   "the published jx_vit_base_p16_224-80ecf9dd.pth); none: random initialization")
     p.add_argument("--iters", type=_positive_int, help="iterations to run")
     p.add_argument("--schedule-iters", type=_positive_int,
                    help="length of the LR schedule and loss phases (default: max(--iters, the recipe's length))")
@@ -124,6 +124,8 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     if args.data_root and args.data != "synthetic" and not pathlib.Path(args.data_root).is_dir():
         parser.error(f"--data-root: no such folder {args.data_root}")
     if args.resume and args.pretrained is None:  # the checkpoint holds every weight: no fetch of the recipe's
+        values.pop("pretrained", None)
+    if (args.pretrained or "").lower() == "none":  # from scratch, also under a recipe that names weights
         values.pop("pretrained", None)
     if values.get("pretrained"):  # a missing file, an unknown tag or no network: stop before any work
         from .checkpoint import check_pretrained

@@ -53,7 +53,7 @@ def tiny_argv(root, out, iters, *extra):
     return ["--data", "voc", "--data-root", str(root), "--backbone", "vit_tiny_patch16_224", "--depth", "2",
             "--patch-size", "16", "--crop-size", "32", "--batch-size", str(BATCH), "--workers", "0",
             "--kernels", "reference", "--cam-scales", "1.0", "--schedule-iters", "40", "--eval-every", "1000",
-            "--log-every", "1", "--iters", str(iters), "--out", str(out), *extra]
+            "--log-every", "1", "--iters", str(iters), "--out", str(out), "--pretrained", "none", *extra]
 
 
 def load_script(name: str):
@@ -175,7 +175,7 @@ def test_checkpoint_cadence_flags_are_validated(tmp_path):
         with pytest.raises(SystemExit) as err:
             config_from_args(argv)
         assert err.value.code == 2
-    cfg = config_from_args(["--data", "voc", "--data-root", str(tmp_path)])
+    cfg = config_from_args(["--data", "voc", "--data-root", str(tmp_path), "--pretrained", "none"])
     assert cfg.save_every == 1000 and cfg.keep_checkpoints is None and cfg.on_bad_sample == "stop"
 
 

@@ -455,3 +455,12 @@ def test_resume_needs_no_fetch_of_the_recipe_weights(monkeypatch, tmp_path):
     monkeypatch.setattr(CK, "_timm_cached_file", lambda tag: None)
     cfg = config_from_args(["--data", "voc", "--data-root", str(tmp_path), "--resume", str(tmp_path)])
     assert cfg.pretrained is None and cfg.resume == str(tmp_path)
+
+
+def test_pretrained_none_trains_from_scratch_under_a_recipe(tmp_path):
+    from more_fast.cli import config_from_args
+
+    cfg = config_from_args(["--data", "voc", "--data-root", str(tmp_path), "--pretrained", "none"])
+    assert cfg.pretrained is None
+    cfg = config_from_args(["--data", "voc", "--data-root", str(tmp_path), "--pretrained", "NONE"])
+    assert cfg.pretrained is None
