@@ -206,23 +206,24 @@ def predict(cc: int = 90) -> dict:
         # the new kernel, as its launcher configures it
         kc = energy.aot_configs(aot)[0]
         cfg = kc.constexprs
-        block, n_tiles = cfg["BLOCK"], triton.cdiv(hw, cfg["BLOCK"])
+        block, block_q = cfg["BLOCK"], cfg["BLOCK_Q"]
+        n_pix = triton.cdiv(hw, max(block, block_q)) * max(block, block_q)
+        n_tiles = n_pix // block
         n_c = cfg["C_TOTAL"] // cfg["BLOCK_C"]
         if cfg["SYMMETRIC"]:  # d = 0 .. n / 2, the d = n / 2 pairs by half the programs
             tile_pairs = n_tiles * (n_tiles // 2 + 1) - (n_tiles // 2 if n_tiles % 2 == 0 else 0)
+            pairs = aot.B * n_c * tile_pairs * block * block
         else:
-            tile_pairs = n_tiles * n_tiles
-        pairs = aot.B * n_c * tile_pairs * block * block
+            pairs = aot.B * n_c * n_pix * n_pix
         sass, usage, shared = _compile(kc.fn, kc.signature, kc.constexprs, kc.num_warps, kc.num_stages, cc)
         hist = _loop_histogram(sass)
         # side work at HBM speed: features (K fp16 x2), S16, row (+ col), AS, E's reads
-        n_pix = n_tiles * block
         side = aot.B * (2 * n_pix * cfg["K"] * 2 * 2 + n_pix * cfg["C_TOTAL"] * (2 * 2 + 4 * 2 * (2 if cfg["SYMMETRIC"] else 1))
                         + c * hw * 4 * 4)
         rows["new"] = dict(config={k: (v if not callable(v) else str(v)) for k, v in cfg.items()},
                            num_warps=kc.num_warps, usage=usage, shared=shared,
                            loop=dict(hist.most_common()),
-                           **_model(hist, block * block, 32 * kc.num_warps, kc.num_warps, pairs),
+                           **_model(hist, block * block_q, 32 * kc.num_warps, kc.num_warps, pairs),
                            side_ms=round(side / H100["hbm_bytes_s"] * 1e3, 3))
         # the old kernel (HEAD before this rewrite; kept as the direct kernel), as it was launched
         bp, bq = energy._DIRECT_BLOCK_P, energy._DIRECT_BLOCK_Q

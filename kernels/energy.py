@@ -128,19 +128,20 @@ def _energy_direct_kernel(
 def _energy_pairs_kernel(
     f_ptr, g_ptr, s_ptr, row_ptr, col_ptr,
     n_tiles,
-    K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, C_TOTAL: tl.constexpr,
+    K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, C_TOTAL: tl.constexpr,
     SYMMETRIC: tl.constexpr,
 ):
     """Program (i, cb, b): the tile i of BLOCK pixels of image b, channels cb BLOCK_C .. + BLOCK_C,
-    against the tiles j = i + d mod n.
+    against the tiles j = i + d mod n (SYMMETRIC), or against every column tile.
 
     f, g: B x NP x K fp16 split augmented features (NP = n_tiles BLOCK; padded pixels are 0, so
     their W is 1, but their S is 0 and their sums are never read); s: B x NP x C_TOTAL fp16
     probabilities (zero padded to C_TOTAL, a multiple of BLOCK_C); row, col: B x NP x C_TOTAL fp32. row_i = sum_d W_ij S_j is
     stored by program i alone. SYMMETRIC: d = 0 .. n / 2 (d = n / 2 only by the first half of
     the programs when n is even) and col_j += W_ij^T S_i for d > 0 by atomics into a zeroed col
-    (the padded channels too: a mask would wrap every atomic in a branch); otherwise d = 0 .. n - 1
-    and col is not touched. W S = row + col.
+    (the padded channels too: a mask would wrap every atomic in a branch); otherwise col is not
+    touched. W S = row + col. Tiles: BLOCK rows; columns BLOCK_Q wide (= BLOCK
+    when SYMMETRIC); NP is a multiple of both.
     """
     i = tl.program_id(0)
     c0 = tl.program_id(1) * BLOCK_C
@@ -155,25 +156,33 @@ def _energy_pairs_kernel(
     feat_offs = rows[:, None] * K + ks[None, :]
     s_offs = rows[:, None] * C_TOTAL + cs[None, :]
     f_i = tl.load(f_b + i * BLOCK * K + feat_offs)
-    s_i = tl.load(s_b + i * BLOCK * C_TOTAL + s_offs)
-    g_i = tl.trans(tl.load(g_b + i * BLOCK * K + feat_offs))
-    w = tl.exp2(tl.dot(f_i, g_i)).to(tl.float16)
-    acc = tl.dot(w, s_i)
     if SYMMETRIC:
+        s_i = tl.load(s_b + i * BLOCK * C_TOTAL + s_offs)
+        g_i = tl.trans(tl.load(g_b + i * BLOCK * K + feat_offs))
+        w = tl.exp2(tl.dot(f_i, g_i)).to(tl.float16)
+        acc = tl.dot(w, s_i)
         half = n_tiles // 2
         last = tl.where((n_tiles % 2 == 1) | (i < half), half, half - 1)
-    else:
-        last = n_tiles - 1
-    for d in range(1, last + 1):
-        j = i + d
-        j = tl.where(j >= n_tiles, j - n_tiles, j)
-        g_j = tl.trans(tl.load(g_b + j * BLOCK * K + feat_offs))
-        s_j = tl.load(s_b + j * BLOCK * C_TOTAL + s_offs)
-        w = tl.exp2(tl.dot(f_i, g_j)).to(tl.float16)
-        acc = tl.dot(w, s_j, acc)
-        if SYMMETRIC:
+        for d in range(1, last + 1):
+            j = i + d
+            j = tl.where(j >= n_tiles, j - n_tiles, j)
+            g_j = tl.trans(tl.load(g_b + j * BLOCK * K + feat_offs))
+            s_j = tl.load(s_b + j * BLOCK * C_TOTAL + s_offs)
+            w = tl.exp2(tl.dot(f_i, g_j)).to(tl.float16)
+            acc = tl.dot(w, s_j, acc)
             col = tl.dot(tl.trans(w), s_i)
             tl.atomic_add(col_ptr + (b * n_pix + j * BLOCK) * C_TOTAL + c0 + s_offs, col, sem="relaxed")
+    else:
+        # every column tile, BLOCK_Q pixels wide (more pairs per loop iteration than BLOCK)
+        cols = tl.arange(0, BLOCK_Q)
+        g_offs = cols[:, None] * K + ks[None, :]
+        sq_offs = cols[:, None] * C_TOTAL + cs[None, :]
+        acc = tl.zeros([BLOCK, BLOCK_C], dtype=tl.float32)
+        for q0 in range(0, n_pix, BLOCK_Q):
+            g_j = tl.trans(tl.load(g_b + q0 * K + g_offs))
+            s_j = tl.load(s_b + q0 * C_TOTAL + sq_offs)
+            w = tl.exp2(tl.dot(f_i, g_j)).to(tl.float16)
+            acc = tl.dot(w, s_j, acc)
     tl.store(row_ptr + (b * n_pix + i * BLOCK) * C_TOTAL + c0 + s_offs, acc)
 
 
@@ -212,16 +221,18 @@ def _pairs_config(c: int, ci: int) -> dict:
 
     Symmetric (each tile pair once, the column sums by atomics) while the channels fit 32: the
     atomics move C / BLOCK floats per pair, cheap next to the exponential at C <= 32 but not at
-    C = 81 (COCO), which evaluates every pair from both sides on 64-pixel tiles instead (the
-    128 x 128 fp32 accumulators would not fit two CTAs per SM).
+    C = 81 (COCO), which evaluates every pair from both sides instead, on 64-row x 128-column
+    tiles (a 128-row fp32 accumulator of 128 channels would not fit two CTAs per SM). The
+    deterministic mode (torch.use_deterministic_algorithms) takes the second path at any C.
     """
     block_c = min(max(16, triton.next_power_of_2(c)), _MAX_BLOCK_C)
-    symmetric = block_c <= 32
+    symmetric = block_c <= 32 and not torch.are_deterministic_algorithms_enabled()
     block = min(128 if symmetric else 64, _BLOCK_P)
+    block_q = block if symmetric else min(128, _BLOCK_Q)
     k = max(16, triton.next_power_of_2(3 * (ci + 4)))
     num_warps = 8 if block >= 128 else 4
     c_total = triton.cdiv(c, block_c) * block_c
-    return dict(BLOCK=block, BLOCK_C=block_c, C_TOTAL=c_total, K=k, SYMMETRIC=symmetric,
+    return dict(BLOCK=block, BLOCK_Q=block_q, BLOCK_C=block_c, C_TOTAL=c_total, K=k, SYMMETRIC=symmetric,
                 num_warps=num_warps, num_stages=2)
 
 
@@ -289,21 +300,22 @@ def _energy_forward(image, probs, gate, sigma_rgb: float, sigma_xy: float):
         raise ValueError(f"probs: expected H * W < {2**31 // 256}, got {hw}")
     cfg = _pairs_config(c, image.shape[1])
     block, block_c, c_total, k = cfg["BLOCK"], cfg["BLOCK_C"], cfg["C_TOTAL"], cfg["K"]
-    n_tiles = triton.cdiv(hw, block)
-    n_pix = n_tiles * block
+    tile = max(block, cfg["BLOCK_Q"])
+    n_pix = triton.cdiv(hw, tile) * tile
+    n_tiles = n_pix // block
     feat_f, feat_g, half_norm = _split_features(image, sigma_rgb, sigma_xy, n_pix, k)
     if float(half_norm) > _MAX_HALF_NORM:  # one host sync: tiny sigmas only
         ws = _energy_direct(image, probs, sigma_rgb, sigma_xy)
     else:
         s16 = torch.zeros((b, n_pix, c_total), dtype=torch.float16, device=probs.device)
         s16[:, :hw, :c] = probs.reshape(b, c, hw).transpose(1, 2)
-        symmetric = cfg["SYMMETRIC"] and not torch.are_deterministic_algorithms_enabled()
+        symmetric = cfg["SYMMETRIC"]
         row = torch.empty((b, n_pix, c_total), dtype=torch.float32, device=probs.device)
         col = torch.zeros_like(row) if symmetric else row
         with _device_ctx(probs):
             _energy_pairs_kernel[(n_tiles, c_total // block_c, b)](
                 feat_f, feat_g, s16, row, col, n_tiles,
-                K=k, BLOCK=block, BLOCK_C=block_c, C_TOTAL=c_total, SYMMETRIC=symmetric,
+                K=k, BLOCK=block, BLOCK_Q=cfg["BLOCK_Q"], BLOCK_C=block_c, C_TOTAL=c_total, SYMMETRIC=symmetric,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )
         acc = row + col if symmetric else row
@@ -402,9 +414,9 @@ def aot_configs(case: AotCase) -> list[KernelConfig]:
         fn=_energy_pairs_kernel,
         signature={"f_ptr": "*fp16", "g_ptr": "*fp16", "s_ptr": "*fp16", "row_ptr": "*fp32",
                    "col_ptr": "*fp32", "n_tiles": "i32",
-                   "K": "constexpr", "BLOCK": "constexpr", "BLOCK_C": "constexpr", "C_TOTAL": "constexpr",
-                   "SYMMETRIC": "constexpr"},
-        constexprs={k: cfg[k] for k in ("K", "BLOCK", "BLOCK_C", "C_TOTAL", "SYMMETRIC")},
+                   "K": "constexpr", "BLOCK": "constexpr", "BLOCK_Q": "constexpr", "BLOCK_C": "constexpr",
+                   "C_TOTAL": "constexpr", "SYMMETRIC": "constexpr"},
+        constexprs={k: cfg[k] for k in ("K", "BLOCK", "BLOCK_Q", "BLOCK_C", "C_TOTAL", "SYMMETRIC")},
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], shapes=shapes,
     )
     bwd = KernelConfig(

@@ -70,7 +70,8 @@ def _assert_accurate(loss, grad, ref_loss, ref_grad):
 
 
 def _block(n):
-    return mock.patch.object(k_energy, "_BLOCK_P", n)
+    patches = mock.patch.multiple(k_energy, _BLOCK_P=n, _BLOCK_Q=n)
+    return patches
 
 
 def test_dispatch_is_triton():
