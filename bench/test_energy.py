@@ -243,10 +243,35 @@ def predict(cc: int = 90) -> dict:
             ms = row["ms"]
             row["predicted_ms"] = round(max(ms.values()) + row["side_ms"], 3)
             row["no_overlap_ms"] = round(sum(ms.values()) + row["side_ms"], 3)
-            regs = max(row["usage"].get("REG", 255), 1)
+            regs = -(-row["usage"].get("REG", 255) // 8) * 8
             threads = 32 * row["num_warps"]
             row["ctas_per_sm"] = min(65536 // (regs * threads), (228 * 1024) // max(row["shared"] + 1024, 1))
         out["cases"][name] = rows
+    return out
+
+
+def resources() -> dict:
+    """Registers, spills (stack bytes), shared memory and CTAs per SM of the pairs kernel as
+    launched at VOC and COCO, default and deterministic mode, compiled for sm_80 and sm_90."""
+    import triton
+
+    from kernels import energy
+    from kernels._launch import AotCase
+
+    out = {"triton": triton.__version__}
+    for cc in (80, 90):
+        for name, c in PREDICT_CASES:
+            for mode in ("default", "deterministic"):
+                with _deterministic() if mode == "deterministic" else contextlib.nullcontext():
+                    kc = energy.aot_configs(AotCase(name, B=B, C=c, H=SIZE, W=SIZE, dtype="fp32", cc=cc))[0]
+                sass, usage, shared = _compile(kc.fn, kc.signature, kc.constexprs, kc.num_warps, kc.num_stages, cc)
+                regs = -(-usage.get("REG", 255) // 8) * 8  # allocated in units of 8 per thread
+                smem_sm = (228 if cc == 90 else 164) * 1024
+                out[f"sm_{cc} {name} {mode}"] = dict(
+                    regs=regs, stack=usage.get("STACK", 0), shared=shared, num_warps=kc.num_warps,
+                    ctas_per_sm=min(65536 // (regs * 32 * kc.num_warps), smem_sm // (shared + 1024)),
+                    loop_tensor_core_ops=sum(n for op, n in _loop_histogram(sass).items()
+                                             if op.startswith(("HGMMA", "HMMA"))))
     return out
 
 
@@ -254,13 +279,7 @@ def test_predicted_h100_time(record_property):
     """Compiles both forward kernels for sm_90 (no GPU needed), prints the prediction and records it
     as a junit property (`energy_prediction`): a model, not a timing, so not a benchmark row."""
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "bench"), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--predict"], capture_output=True, text=True,
-                          env=env, cwd=root, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _run_self("--predict")
     for name, rows in result["cases"].items():
         for which, row in rows.items():
             print(f"{name:5s} {which}: predicted {row['predicted_ms']:.2f} ms (no overlap {row['no_overlap_ms']:.2f}), "
@@ -272,5 +291,34 @@ def test_predicted_h100_time(record_property):
     record_property("energy_prediction", json.dumps(result))
 
 
+def _run_self(flag: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "bench"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), flag], capture_output=True, text=True,
+                          env=env, cwd=root, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_pairs_kernel_resources(record_property):
+    """No spills on sm_80 and sm_90 at C = 21 and 81 (both modes), tensor-core ops in the loop, and
+    at least 2 CTAs per SM on sm_90 (the compile is the installed triton's; run this file with
+    another triton's python for that version)."""
+    pytest.importorskip("triton")
+    result = _run_self("--resources")
+    for key, row in result.items():
+        if key == "triton":
+            continue
+        print(f"triton {result['triton']} {key}: {row}")
+        assert row["stack"] == 0, key
+        assert row["loop_tensor_core_ops"] > 0, key
+        if key.startswith("sm_90"):
+            assert row["ctas_per_sm"] >= 2, key
+    record_property("energy_resources", json.dumps(result))
+
+
 if __name__ == "__main__" and "--predict" in sys.argv:
     print(json.dumps(predict(int(os.environ.get("ENERGY_CC", "90")))))
+if __name__ == "__main__" and "--resources" in sys.argv:
+    print(json.dumps(resources()))
