@@ -191,6 +191,30 @@ def _model(hist, tile_pairs, threads, num_warps, pairs, red_width=4):
     )
 
 
+def _predict_pairs(kc, aot, c, hw, cc) -> dict:
+    import triton
+
+    cfg = kc.constexprs
+    block, block_q = cfg["BLOCK"], cfg["BLOCK_Q"]
+    n_pix = triton.cdiv(hw, max(block, block_q)) * max(block, block_q)
+    n_tiles = n_pix // block
+    n_c = cfg["C_TOTAL"] // cfg["BLOCK_C"]
+    if cfg["SYMMETRIC"]:  # d = 0 .. n / 2, the d = n / 2 pairs by half the programs
+        tile_pairs = n_tiles * (n_tiles // 2 + 1) - (n_tiles // 2 if n_tiles % 2 == 0 else 0)
+        pairs = aot.B * n_c * tile_pairs * block * block
+    else:
+        pairs = aot.B * n_c * n_pix * n_pix
+    sass, usage, shared = _compile(kc.fn, kc.signature, kc.constexprs, kc.num_warps, kc.num_stages, cc)
+    hist = _loop_histogram(sass)
+    # side work at HBM speed: features (K fp16 x2), S16, row (+ col), AS, E's reads
+    n_acc = 2 if cfg["SYMMETRIC"] else 1
+    side = aot.B * (2 * n_pix * cfg["K"] * 2 * 2 + n_pix * cfg["C_TOTAL"] * (2 * 2 + 4 * 2 * n_acc) + c * hw * 4 * 4)
+    return dict(config=dict(cfg), num_warps=kc.num_warps, usage=usage, shared=shared,
+                loop=dict(hist.most_common()),
+                **_model(hist, block * block_q, 32 * kc.num_warps, kc.num_warps, pairs),
+                side_ms=round(side / H100["hbm_bytes_s"] * 1e3, 3))
+
+
 def predict(cc: int = 90) -> dict:
     """The old (direct) and new (pairs) forward at VOC and COCO: counts, registers, predicted ms."""
     import triton
@@ -203,28 +227,11 @@ def predict(cc: int = 90) -> dict:
         aot = AotCase(name, B=B, C=c, H=SIZE, W=SIZE, dtype="fp32", cc=cc)
         hw = aot.H * aot.W
         rows = {}
-        # the new kernel, as its launcher configures it
-        kc = energy.aot_configs(aot)[0]
-        cfg = kc.constexprs
-        block, block_q = cfg["BLOCK"], cfg["BLOCK_Q"]
-        n_pix = triton.cdiv(hw, max(block, block_q)) * max(block, block_q)
-        n_tiles = n_pix // block
-        n_c = cfg["C_TOTAL"] // cfg["BLOCK_C"]
-        if cfg["SYMMETRIC"]:  # d = 0 .. n / 2, the d = n / 2 pairs by half the programs
-            tile_pairs = n_tiles * (n_tiles // 2 + 1) - (n_tiles // 2 if n_tiles % 2 == 0 else 0)
-            pairs = aot.B * n_c * tile_pairs * block * block
-        else:
-            pairs = aot.B * n_c * n_pix * n_pix
-        sass, usage, shared = _compile(kc.fn, kc.signature, kc.constexprs, kc.num_warps, kc.num_stages, cc)
-        hist = _loop_histogram(sass)
-        # side work at HBM speed: features (K fp16 x2), S16, row (+ col), AS, E's reads
-        side = aot.B * (2 * n_pix * cfg["K"] * 2 * 2 + n_pix * cfg["C_TOTAL"] * (2 * 2 + 4 * 2 * (2 if cfg["SYMMETRIC"] else 1))
-                        + c * hw * 4 * 4)
-        rows["new"] = dict(config={k: (v if not callable(v) else str(v)) for k, v in cfg.items()},
-                           num_warps=kc.num_warps, usage=usage, shared=shared,
-                           loop=dict(hist.most_common()),
-                           **_model(hist, block * block_q, 32 * kc.num_warps, kc.num_warps, pairs),
-                           side_ms=round(side / H100["hbm_bytes_s"] * 1e3, 3))
+        # the new kernel, as its launcher configures it (default and deterministic mode)
+        for which in ("new", "new_deterministic"):
+            with _deterministic() if which == "new_deterministic" else contextlib.nullcontext():
+                kc = energy.aot_configs(aot)[0]
+            rows[which] = _predict_pairs(kc, aot, c, hw, cc)
         # the old kernel (HEAD before this rewrite; kept as the direct kernel), as it was launched
         bp, bq = energy._DIRECT_BLOCK_P, energy._DIRECT_BLOCK_Q
         block_c = min(max(16, triton.next_power_of_2(c)), energy._MAX_BLOCK_C)
@@ -285,9 +292,9 @@ def test_predicted_h100_time(record_property):
             print(f"{name:5s} {which}: predicted {row['predicted_ms']:.2f} ms (no overlap {row['no_overlap_ms']:.2f}), "
                   f"pipes {row['ms']}, per pair {row['per_pair']}, regs {row['usage'].get('REG')}, "
                   f"stack (spills) {row['usage'].get('STACK')} B, CTAs/SM {row['ctas_per_sm']}")
-        new = rows["new"]
-        assert new["usage"].get("LOCAL", 0) == 0 and new["usage"].get("STACK", 0) == 0
-        assert any("GMMA" in op for op in new["loop"])
+        for which in ("new", "new_deterministic"):
+            assert rows[which]["usage"].get("STACK", 0) == 0, (name, which)
+            assert any("GMMA" in op for op in rows[which]["loop"]), (name, which)
     record_property("energy_prediction", json.dumps(result))
 
 
