@@ -27,13 +27,16 @@ W is symmetric: in the default mode each tile pair (i, j), j = i + d mod n for d
 (a circulant half, so every program has the same work), is evaluated once; program i keeps its
 row sums W_ij S_j in registers and adds the column sums W_ij^T S_i of tile j with fp32 atomics,
 so the last bits of AS depend on the order the atomics land in. Under
-torch.use_deterministic_algorithms(True) every program evaluates all n tiles against its own and
-stores its rows (bitwise reproducible, twice the exponentials). No (HW) x (HW) tensor exists; the
-scratch is O(B HW (K + C)). E is reduced in float64 from AS (fixed order).
+torch.use_deterministic_algorithms(True), and whenever C > 32 (the atomics would then cost more
+than the exponentials they save), every program evaluates all tiles against its own and stores
+its rows (bitwise reproducible, twice the exponentials). No (HW) x (HW) tensor exists; the
+scratch is O(B HW (K + C)). E is reduced in float64 from AS (fixed order). S enters the second
+dot in fp16: probabilities (any value fp16 holds, to 2^-11 relative).
 
 Features whose centred |f|^2 / 2 exceeds _MAX_HALF_NORM (tiny sigmas: the split dot would lose
-too much, or fp16 would overflow) go to the direct kernel instead, which computes the squared
-distance from the differences in fp32 (no cancellation) at ~15 FP32 instructions per pair.
+too much, or fp16 would overflow) go to the direct kernel instead (the previous implementation),
+which computes the squared distance from the differences in fp32 (no cancellation) at ~35
+instructions per pair. Deciding that costs one host sync per call.
 """
 from __future__ import annotations
 
@@ -203,7 +206,7 @@ def _energy_bwd_kernel(grad_ptr, as_ptr, out_ptr, N, scale, BLOCK: tl.constexpr)
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-# tile of the pairs kernel (square: tile pairs are used both ways); the tests shrink it
+# upper bounds of the pairs kernel's tile rows and (two-sided path) columns; the tests shrink them
 _BLOCK_P = 128
 _BLOCK_Q = 128
 _DIRECT_BLOCK_P = 128
@@ -211,8 +214,8 @@ _DIRECT_BLOCK_Q = 64
 _MAX_BLOCK_C = 128
 _BWD_BLOCK = 1024
 _LOG2E = 1.4426950408889634
-# the split dot's exponent error is ~2^-22 x (|F_p| |G_q| terms ~ 4 |f|^2 / 2): 1024 keeps it
-# below ~1e-3 in the worst case (~1e-5 typical); beyond it the direct kernel runs
+# the split dot's exponent error grows with |f|^2 / 2 (~2^-22 of the products it cancels):
+# 7e-5 at ~160 (the production sigmas), so ~5e-4 at 1024; beyond it the direct kernel runs
 _MAX_HALF_NORM = 1024.0
 
 
