@@ -212,6 +212,10 @@ _BLOCK_Q = 128
 _DIRECT_BLOCK_P = 128
 _DIRECT_BLOCK_Q = 64
 _MAX_BLOCK_C = 128
+# the symmetric path up to this many (padded) channels; 0 turns it off (e.g. should the GPU
+# measure its atomics slower than the exponentials they save: bench/test_energy.py's
+# fused_deterministic row times the two-sided path)
+_SYMMETRIC_MAX_BLOCK_C = 32
 _BWD_BLOCK = 1024
 _LOG2E = 1.4426950408889634
 # the split dot's exponent error grows with |f|^2 / 2 (~2^-22 of the products it cancels):
@@ -229,7 +233,7 @@ def _pairs_config(c: int, ci: int) -> dict:
     deterministic mode (torch.use_deterministic_algorithms) takes the second path at any C.
     """
     block_c = min(max(16, triton.next_power_of_2(c)), _MAX_BLOCK_C)
-    symmetric = block_c <= 32 and not torch.are_deterministic_algorithms_enabled()
+    symmetric = block_c <= _SYMMETRIC_MAX_BLOCK_C and not torch.are_deterministic_algorithms_enabled()
     block = min(128 if symmetric else 64, _BLOCK_P)
     block_q = block if symmetric else min(128, _BLOCK_Q)
     k = max(16, triton.next_power_of_2(3 * (ci + 4)))

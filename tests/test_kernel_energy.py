@@ -190,6 +190,20 @@ def test_split_exponent_error(pattern):
     assert (got - exact)[keep].abs().max() < 1e-4
 
 
+def test_aot_configs_are_the_launch_configs():
+    """aot_configs describes what the launcher runs: symmetric 128-pixel tiles at VOC, two-sided
+    64 x 128 tiles of 128 channels at COCO, every constexpr and argument of the kernel named."""
+    from kernels._launch import AotCase
+
+    for c, symmetric, block, c_total in ((21, True, 128, 32), (81, False, 64, 128)):
+        fwd, bwd = k_energy.aot_configs(AotCase("x", C=c))
+        assert fwd.constexprs == {k: v for k, v in k_energy._pairs_config(c, 3).items()
+                                  if k not in ("num_warps", "num_stages")}
+        assert (fwd.constexprs["SYMMETRIC"], fwd.constexprs["BLOCK"], fwd.constexprs["C_TOTAL"]) == (symmetric, block, c_total)
+        assert list(fwd.signature) == list(fwd.fn.arg_names) and list(bwd.signature) == list(bwd.fn.arg_names)
+        assert fwd.num_warps == k_energy._pairs_config(c, 3)["num_warps"]
+
+
 def test_strided_inputs_other_channel_count_and_no_grad_for_image_gate():
     """Channels-last / sliced inputs through strides, a 1-channel image; image, gate get None."""
     image, probs, gate = _inputs(2, 8, 13, 17, torch.float32, ci=1)
