@@ -198,7 +198,7 @@ def _predict_pairs(kc, aot, c, hw, cc) -> dict:
     block, block_q = cfg["BLOCK"], cfg["BLOCK_Q"]
     n_pix = triton.cdiv(hw, max(block, block_q)) * max(block, block_q)
     n_tiles = n_pix // block
-    n_c = cfg["C_TOTAL"] // cfg["BLOCK_C"]
+    n_c = cfg["C_TOTAL"] // (cfg["BLOCK_C"] + cfg["BLOCK_C2"])
     if cfg["SYMMETRIC"]:  # d = 0 .. n / 2, the d = n / 2 pairs by half the programs
         tile_pairs = n_tiles * (n_tiles // 2 + 1) - (n_tiles // 2 if n_tiles % 2 == 0 else 0)
         pairs = aot.B * n_c * tile_pairs * block * block

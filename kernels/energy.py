@@ -131,23 +131,24 @@ def _energy_direct_kernel(
 def _energy_pairs_kernel(
     f_ptr, g_ptr, s_ptr, row_ptr, col_ptr,
     n_tiles,
-    K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, C_TOTAL: tl.constexpr,
-    SYMMETRIC: tl.constexpr,
+    K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_C2: tl.constexpr,
+    C_TOTAL: tl.constexpr, SYMMETRIC: tl.constexpr,
 ):
-    """Program (i, cb, b): the tile i of BLOCK pixels of image b, channels cb BLOCK_C .. + BLOCK_C,
-    against the tiles j = i + d mod n (SYMMETRIC), or against every column tile.
+    """Program (i, cb, b): the tile i of BLOCK pixels of image b, channels cb CB .. + CB (CB =
+    BLOCK_C + BLOCK_C2: a second block of BLOCK_C2 channels, or none, so that 81 channels pad to
+    96 rather than 128), against the tiles j = i + d mod n (SYMMETRIC), or every column tile.
 
     f, g: B x NP x K fp16 split augmented features (NP = n_tiles BLOCK; padded pixels are 0, so
     their W is 1, but their S is 0 and their sums are never read); s: B x NP x C_TOTAL fp16
-    probabilities (zero padded to C_TOTAL, a multiple of BLOCK_C); row, col: B x NP x C_TOTAL fp32. row_i = sum_d W_ij S_j is
-    stored by program i alone. SYMMETRIC: d = 0 .. n / 2 (d = n / 2 only by the first half of
+    probabilities (zero padded to C_TOTAL, a multiple of CB); row, col: B x NP x C_TOTAL fp32.
+    row_i = sum_d W_ij S_j is stored by program i alone. SYMMETRIC: d = 0 .. n / 2 (d = n / 2 only by the first half of
     the programs when n is even) and col_j += W_ij^T S_i for d > 0 by atomics into a zeroed col
     (the padded channels too: a mask would wrap every atomic in a branch); otherwise col is not
-    touched. W S = row + col. Tiles: BLOCK rows; columns BLOCK_Q wide (= BLOCK
+    touched. W S = row + col. Tiles: BLOCK rows; columns BLOCK_Q wide (= BLOCK and BLOCK_C2 = 0
     when SYMMETRIC); NP is a multiple of both.
     """
     i = tl.program_id(0)
-    c0 = tl.program_id(1) * BLOCK_C
+    c0 = tl.program_id(1) * (BLOCK_C + BLOCK_C2)
     b = tl.program_id(2).to(tl.int64)
     n_pix = n_tiles * BLOCK
     rows = tl.arange(0, BLOCK)
@@ -181,11 +182,19 @@ def _energy_pairs_kernel(
         g_offs = cols[:, None] * K + ks[None, :]
         sq_offs = cols[:, None] * C_TOTAL + cs[None, :]
         acc = tl.zeros([BLOCK, BLOCK_C], dtype=tl.float32)
+        if BLOCK_C2 > 0:
+            cs2 = BLOCK_C + tl.arange(0, BLOCK_C2)
+            sq2_offs = cols[:, None] * C_TOTAL + cs2[None, :]
+            acc2 = tl.zeros([BLOCK, BLOCK_C2], dtype=tl.float32)
         for q0 in range(0, n_pix, BLOCK_Q):
             g_j = tl.trans(tl.load(g_b + q0 * K + g_offs))
             s_j = tl.load(s_b + q0 * C_TOTAL + sq_offs)
             w = tl.exp2(tl.dot(f_i, g_j)).to(tl.float16)
             acc = tl.dot(w, s_j, acc)
+            if BLOCK_C2 > 0:
+                acc2 = tl.dot(w, tl.load(s_b + q0 * C_TOTAL + sq2_offs), acc2)
+        if BLOCK_C2 > 0:
+            tl.store(row_ptr + (b * n_pix + i * BLOCK) * C_TOTAL + c0 + rows[:, None] * C_TOTAL + cs2[None, :], acc2)
     tl.store(row_ptr + (b * n_pix + i * BLOCK) * C_TOTAL + c0 + s_offs, acc)
 
 
@@ -234,13 +243,16 @@ def _pairs_config(c: int, ci: int) -> dict:
     """
     block_c = min(max(16, triton.next_power_of_2(c)), _MAX_BLOCK_C)
     symmetric = block_c <= _SYMMETRIC_MAX_BLOCK_C and not torch.are_deterministic_algorithms_enabled()
+    block_c2 = 0
+    if not symmetric and 64 < c <= 96:  # 64 + 32: a quarter less tensor work than 128 at C = 81
+        block_c, block_c2 = 64, 32
     block = min(128 if symmetric else 64, _BLOCK_P)
     block_q = block if symmetric else min(128, _BLOCK_Q)
     k = max(16, triton.next_power_of_2(3 * (ci + 4)))
     num_warps = 8 if block >= 128 else 4
-    c_total = triton.cdiv(c, block_c) * block_c
-    return dict(BLOCK=block, BLOCK_Q=block_q, BLOCK_C=block_c, C_TOTAL=c_total, K=k, SYMMETRIC=symmetric,
-                num_warps=num_warps, num_stages=2)
+    c_total = triton.cdiv(c, block_c + block_c2) * (block_c + block_c2)
+    return dict(BLOCK=block, BLOCK_Q=block_q, BLOCK_C=block_c, BLOCK_C2=block_c2, C_TOTAL=c_total, K=k,
+                SYMMETRIC=symmetric, num_warps=num_warps, num_stages=2)
 
 
 def _split_features(image: torch.Tensor, sigma_rgb: float, sigma_xy: float, n_pix: int, k: int):
@@ -306,7 +318,8 @@ def _energy_forward(image, probs, gate, sigma_rgb: float, sigma_xy: float):
     if hw >= 2**31 // 256:
         raise ValueError(f"probs: expected H * W < {2**31 // 256}, got {hw}")
     cfg = _pairs_config(c, image.shape[1])
-    block, block_c, c_total, k = cfg["BLOCK"], cfg["BLOCK_C"], cfg["C_TOTAL"], cfg["K"]
+    block, c_total, k = cfg["BLOCK"], cfg["C_TOTAL"], cfg["K"]
+    c_block = cfg["BLOCK_C"] + cfg["BLOCK_C2"]
     tile = max(block, cfg["BLOCK_Q"])
     n_pix = triton.cdiv(hw, tile) * tile
     n_tiles = n_pix // block
@@ -320,9 +333,10 @@ def _energy_forward(image, probs, gate, sigma_rgb: float, sigma_xy: float):
         row = torch.empty((b, n_pix, c_total), dtype=torch.float32, device=probs.device)
         col = torch.zeros_like(row) if symmetric else row
         with _device_ctx(probs):
-            _energy_pairs_kernel[(n_tiles, c_total // block_c, b)](
+            _energy_pairs_kernel[(n_tiles, c_total // c_block, b)](
                 feat_f, feat_g, s16, row, col, n_tiles,
-                K=k, BLOCK=block, BLOCK_Q=cfg["BLOCK_Q"], BLOCK_C=block_c, C_TOTAL=c_total, SYMMETRIC=symmetric,
+                K=k, BLOCK=block, BLOCK_Q=cfg["BLOCK_Q"], BLOCK_C=cfg["BLOCK_C"], BLOCK_C2=cfg["BLOCK_C2"],
+                C_TOTAL=c_total, SYMMETRIC=symmetric,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )
         acc = row + col if symmetric else row
@@ -422,8 +436,8 @@ def aot_configs(case: AotCase) -> list[KernelConfig]:
         signature={"f_ptr": "*fp16", "g_ptr": "*fp16", "s_ptr": "*fp16", "row_ptr": "*fp32",
                    "col_ptr": "*fp32", "n_tiles": "i32",
                    "K": "constexpr", "BLOCK": "constexpr", "BLOCK_Q": "constexpr", "BLOCK_C": "constexpr",
-                   "C_TOTAL": "constexpr", "SYMMETRIC": "constexpr"},
-        constexprs={k: cfg[k] for k in ("K", "BLOCK", "BLOCK_Q", "BLOCK_C", "C_TOTAL", "SYMMETRIC")},
+                   "BLOCK_C2": "constexpr", "C_TOTAL": "constexpr", "SYMMETRIC": "constexpr"},
+        constexprs={k: cfg[k] for k in ("K", "BLOCK", "BLOCK_Q", "BLOCK_C", "BLOCK_C2", "C_TOTAL", "SYMMETRIC")},
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], shapes=shapes,
     )
     bwd = KernelConfig(
