@@ -33,10 +33,11 @@ its rows (bitwise reproducible, twice the exponentials). No (HW) x (HW) tensor e
 scratch is O(B HW (K + C)). E is reduced in float64 from AS (fixed order). S enters the second
 dot in fp16: probabilities (any value fp16 holds, to 2^-11 relative).
 
-Features whose centred |f|^2 / 2 exceeds _MAX_HALF_NORM (tiny sigmas: the split dot would lose
-too much, or fp16 would overflow) go to the direct kernel instead (the previous implementation),
-which computes the squared distance from the differences in fp32 (no cancellation) at ~35
-instructions per pair. Deciding that costs one host sync per call.
+When pixel values in 0..255 could put the centred |f|^2 / 2 above _MAX_HALF_NORM (small
+sigma_rgb: the split dot would lose too much, or fp16 would overflow), the direct kernel (the
+previous implementation) runs instead: it computes the squared distance from the differences in
+fp32 (no cancellation) at ~35 instructions per pair. The choice reads only the shapes and sigmas
+(no host sync); an image spread far beyond 0..255 fails a device-side check instead.
 """
 from __future__ import annotations
 
@@ -228,8 +229,16 @@ _SYMMETRIC_MAX_BLOCK_C = 32
 _BWD_BLOCK = 1024
 _LOG2E = 1.4426950408889634
 # the split dot's exponent error grows with |f|^2 / 2 (~2^-22 of the products it cancels):
-# 7e-5 at ~160 (the production sigmas), so ~5e-4 at 1024; beyond it the direct kernel runs
+# 7e-5 at ~160 (the production sigmas), so ~5e-4 at 1024, where the direct kernel takes over;
+# an image beyond 0..255 may reach up to _HARD_HALF_NORM (~4e-3) before the check fails
 _MAX_HALF_NORM = 1024.0
+_HARD_HALF_NORM = 8192.0
+_PIXEL_RANGE = 255.0
+
+
+def _half_norm_bound(h: int, w: int, ci: int, sigma_rgb: float, sigma_xy: float) -> float:
+    """An upper bound of the centred |f|^2 / 2 for pixel values in 0..255 (no data read)."""
+    return 0.5 * _LOG2E * (((h - 1) ** 2 + (w - 1) ** 2) / sigma_xy**2 + ci * _PIXEL_RANGE**2 / sigma_rgb**2)
 
 
 def _pairs_config(c: int, ci: int) -> dict:
@@ -323,10 +332,14 @@ def _energy_forward(image, probs, gate, sigma_rgb: float, sigma_xy: float):
     tile = max(block, cfg["BLOCK_Q"])
     n_pix = triton.cdiv(hw, tile) * tile
     n_tiles = n_pix // block
-    feat_f, feat_g, half_norm = _split_features(image, sigma_rgb, sigma_xy, n_pix, k)
-    if float(half_norm) > _MAX_HALF_NORM:  # one host sync: tiny sigmas only
+    if _half_norm_bound(h, w, image.shape[1], sigma_rgb, sigma_xy) > _MAX_HALF_NORM:
         ws = _energy_direct(image, probs, sigma_rgb, sigma_xy)
     else:
+        feat_f, feat_g, half_norm = _split_features(image, sigma_rgb, sigma_xy, n_pix, k)
+        torch._assert_async(
+            half_norm <= _HARD_HALF_NORM,
+            f"image: expected pixel values in about 0..255 for the fused energy at sigma_rgb = {sigma_rgb} "
+            f"(the split fp16 exponent needs |f - mean f|^2 / 2 <= {_HARD_HALF_NORM})")
         s16 = torch.zeros((b, n_pix, c_total), dtype=torch.float16, device=probs.device)
         s16[:, :hw, :c] = probs.reshape(b, c, hw).transpose(1, 2)
         symmetric = cfg["SYMMETRIC"]

@@ -150,15 +150,32 @@ def test_deterministic_mode_is_bitwise_reproducible():
     assert _rel(sym[0], runs[0][0]) <= 1e-5 and _rel(sym[1], runs[0][1]) <= 1e-5
 
 
-def test_tiny_sigma_runs_the_direct_kernel():
-    """sigma_rgb = 0.05 puts |f|^2 / 2 far beyond what the split fp16 dot resolves (and beyond fp16):
-    the direct kernel (fp32 differences) runs and keeps fp32 accuracy."""
+@pytest.mark.parametrize("sigma_rgb", [0.05, 5.0])
+def test_small_sigma_runs_the_direct_kernel(sigma_rgb):
+    """sigma_rgb = 0.05 puts |f|^2 / 2 far beyond what the split fp16 dot resolves (and beyond fp16),
+    5 beyond its bound for 0..255: the direct kernel (fp32 differences) runs, at fp32 accuracy."""
     image, probs, gate = _inputs(1, 3, 9, 11, torch.float32, seed=7)
-    _, _, half_norm = k_energy._split_features(image, 0.05, 10.0, 99, 32)
-    assert float(half_norm) > k_energy._MAX_HALF_NORM
-    loss, grad = _fused(image, probs, gate, 0.05, 10.0)
-    ref_loss, ref_grad = _reference(image, probs, gate, 0.05, 10.0)
+    assert k_energy._half_norm_bound(9, 11, 3, sigma_rgb, 10.0) > k_energy._MAX_HALF_NORM
+    with mock.patch.object(k_energy, "_energy_pairs_kernel", None):  # not launched
+        loss, grad = _fused(image, probs, gate, sigma_rgb, 10.0)
+    ref_loss, ref_grad = _reference(image, probs, gate, sigma_rgb, 10.0)
     assert _rel(loss, ref_loss) <= 1e-5 and _rel(grad, ref_grad) <= 1e-5
+
+
+def test_production_sigmas_run_the_split_kernel_and_bound_the_features():
+    """sigma_rgb = 15, sigma_xy = 50 at 224 x 224 stays on the split kernel; the bound holds for
+    any 0..255 image (here the extreme one: black and white halves in opposite corners)."""
+    bound = k_energy._half_norm_bound(224, 224, 3, 15.0, 50.0)
+    assert bound <= k_energy._MAX_HALF_NORM
+    image = torch.zeros(1, 3, 224, 224, dtype=torch.float64)
+    image[..., :112, :112] = 255
+    assert float(k_energy._split_features(image, 15.0, 50.0, 224 * 224, 32)[2]) <= bound
+
+
+def test_image_beyond_the_pixel_range_fails_the_device_check():
+    image, probs, gate = _inputs(1, 3, 9, 11, torch.float32, seed=8)
+    with pytest.raises(RuntimeError, match="0..255"):
+        kernels.dense_energy_loss(image * 1000, probs, gate, 15.0, 10.0)
 
 
 @pytest.mark.parametrize("pattern", ["uniform", "stripes"])
