@@ -83,7 +83,8 @@ def test_dispatch_is_triton():
     [
         (2, 5, 13, 17, torch.float32, 15.0, 50.0),  # the published sigmas
         (1, 1, 24, 20, torch.float32, 15.0, 10.0),  # C = 1, HW = 480 (not a tile multiple)
-        (2, 21, 13, 17, torch.float32, 4.0, 1.5),  # narrow kernel: W nearly diagonal
+        (2, 21, 13, 17, torch.float32, 4.0, 1.5),  # narrow kernel, W nearly diagonal: the direct kernel
+        (2, 21, 13, 17, torch.float32, 15.0, 1.5),  # narrow in xy on the split kernel
         (1, 130, 7, 9, torch.float32, 15.0, 5.0),  # C above one channel block (128)
         (2, 21, 13, 17, torch.float16, 15.0, 10.0),
         (1, 4, 11, 13, torch.bfloat16, 15.0, 10.0),
