@@ -217,7 +217,8 @@ def test_aot_configs_are_the_launch_configs():
         fwd, bwd = k_energy.aot_configs(AotCase("x", C=c))
         assert fwd.constexprs == {k: v for k, v in k_energy._pairs_config(c, 3).items()
                                   if k not in ("num_warps", "num_stages")}
-        assert (fwd.constexprs["SYMMETRIC"], fwd.constexprs["BLOCK"], fwd.constexprs["C_TOTAL"]) == (symmetric, block, c_total)
+        got = (fwd.constexprs["SYMMETRIC"], fwd.constexprs["BLOCK"], fwd.constexprs["C_TOTAL"])
+        assert got == (symmetric, block, c_total)
         assert list(fwd.signature) == list(fwd.fn.arg_names) and list(bwd.signature) == list(bwd.fn.arg_names)
         assert fwd.num_warps == k_energy._pairs_config(c, 3)["num_warps"]
 
