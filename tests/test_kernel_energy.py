@@ -269,3 +269,43 @@ def test_compile_fullgraph_forward_backward():
     ref = 1e-7 * reference.dense_energy_loss(image.double(), ref_logits.softmax(1), gate.double(), 15.0, 10.0)
     ref.backward()
     _assert_accurate(loss, logits.grad, ref, ref_logits.grad)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU only: the compiled kernels (ex2.approx, the tensor cores' fp32 accumulation, the atomics)
+# --------------------------------------------------------------------------------------------
+def _cuda_inputs(b, c, size, seed):
+    return [t.cuda() for t in _inputs(b, c, size, size, torch.float32, seed=seed)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c", [21, 81])
+@pytest.mark.parametrize("size, sigma_xy", [(96, 50.0), (64, 8.0)])
+def test_gpu_matches_float64_brute_force(c, size, sigma_xy):
+    image, probs, gate = _cuda_inputs(2, c, size, seed=c + size)
+    loss, grad = _fused(image, probs, gate, 15.0, sigma_xy)
+    _assert_accurate(loss, grad, *_reference(image, probs, gate, 15.0, sigma_xy))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c", [21, 81])
+def test_gpu_modes_agree_deterministic_is_reproducible_and_memory_is_linear(c):
+    """At the production size: the deterministic mode is bitwise reproducible, the default
+    (atomics) agrees with it to fp32 rounding, and the extra memory is far below one HW x HW fp32
+    plane per image."""
+    b, size = 4, 224
+    image, probs, gate = _cuda_inputs(b, c, size, seed=c)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    default = _fused(image, probs, gate, 15.0, 50.0)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < 64 * b * c * size * size * 4, f"peak extra memory {peak} bytes"
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [_fused(image, probs, gate, 15.0, 50.0) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert _rel(default[0], runs[0][0]) <= 1e-5 and _rel(default[1], runs[0][1]) <= 1e-5
