@@ -103,7 +103,7 @@ def _deterministic():
 #            1024 (tf32)
 #   issue    all thread-instructions / 128 per clock (4 schedulers x 32 lanes)
 #   RED      bytes of REDG (atomic adds to L2) / an ASSUMED 2.75 TB/s of L2 reduction bandwidth
-#            (half the ~5.5 TB/s L2 read bandwidth measured on H100 PCIe; not an NVIDIA figure)
+#            (a guess, about half a plausible L2 bandwidth; neither measured nor published)
 # pairs evaluated x the largest of these / (132 SMs x 1.83 GHz) is the prediction (the pipes
 # overlap); the sum is the no-overlap bound. The O(B C HW) work around the kernel (features,
 # fp16 copies, AS, E) is added at 3.35 TB/s of HBM.
