@@ -22,10 +22,11 @@ def triton_backend(monkeypatch):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Tiles of 16 (forward) and 16 x 32 (backward), a 3-way column split, 16-wide D chunks."""
-    monkeypatch.setattr(affinity, "_fwd_config", lambda dev, n, d: dict(block=16, block_d=16, num_warps=4, num_stages=1))
+    monkeypatch.setattr(affinity, "_fwd_config",
+                        lambda dev, n, d, **kw: dict(block=16, block_d=16, num_warps=4, num_stages=1))
     monkeypatch.setattr(
         affinity, "_bwd_config",
-        lambda dev, b, n, d: dict(block_m=16, block_n=32, block_d=16, block_do=32, split=3, num_warps=4, num_stages=1),
+        lambda dev, b, n, d, **kw: dict(block_m=16, block_n=32, block_d=16, block_do=32, split=3, num_warps=4, num_stages=1),
     )
     monkeypatch.setattr(affinity, "_rows_config", lambda dev: dict(block_r=8, block_d=16, num_warps=4))
 
