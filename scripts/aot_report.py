@@ -2,7 +2,7 @@
 
     python scripts/aot_report.py                    # markdown table on stdout
     python scripts/aot_report.py --out table.md     # and into a file
-    python scripts/aot_report.py --perf docs/PERF.md  # replace the generated table there
+    python scripts/aot_report.py --perf docs/PERF.md  # replace this triton version's table there
 
 Each op module under kernels/ exposes `aot_configs(case) -> list[KernelConfig]` (the contract in
 kernels/_launch.py): the kernels its launcher runs for a production case, with the block sizes,
@@ -238,11 +238,13 @@ def provenance(argv) -> str:
     return f"Generated {date} by `{cmd}` with triton {triton.__version__} (no GPU: Triton's compiler and ptxas)."
 
 
-BEGIN, END = "<!-- aot-report:begin -->", "<!-- aot-report:end -->"
-
-
 def write_perf(path: pathlib.Path, body: str) -> None:
-    """Replace the generated block of docs/PERF.md (between the markers; appended when absent)."""
+    """Replace this triton version's generated block of docs/PERF.md (between its markers;
+    appended at the end when absent), so that one block per triton version can coexist."""
+    import triton
+
+    tag = "aot-report triton " + ".".join(triton.__version__.split(".")[:2])
+    BEGIN, END = f"<!-- {tag}: begin -->", f"<!-- {tag}: end -->"
     text = path.read_text() if path.exists() else ""
     block = f"{BEGIN}\n{body}\n{END}"
     if BEGIN in text and END in text:
