@@ -288,7 +288,8 @@ def _lir_backward(grad, cls_tokens, patch_tokens, labels, z, aux, temperature: f
             cls_tokens, patch_tokens, labels, z, aux, grad, dq,
             k, n, d, 1.0 / temperature, NORM_EPS, *cls_tokens.stride(), *patch_tokens.stride(), *labels.stride(),
             BLOCK_K=cfg["block_k"], BLOCK_N=cfg["bwd_block_n"], BLOCK_DO=cfg["block_do"], BLOCK_DQ=cfg["block_d"],
-            DOT_PREC=_dot_config(torch.float32, dev, F32_DOT)[1], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            DOT_PREC=_dot_config(torch.float32, dev, F32_DOT)[1], num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
         )
     return dq
 

@@ -308,6 +308,22 @@ def test_use_backend_with_a_bad_value_names_it(bad):
             pass
 
 
+def test_use_backend_is_seen_by_compiled_code(monkeypatch):
+    """torch.compile guards on the active mode: a graph traced under one mode is not reused under
+    another (the training step compiles its losses and enters use_backend around them)."""
+    monkeypatch.setenv("MORE_FAST_KERNELS", "auto")
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x):
+        return x + 1 if kernels.backend_mode() == "reference" else x * 2
+
+    x = torch.full((2,), 3.0)
+    assert f(x).tolist() == [6.0, 6.0]
+    with kernels.use_backend("reference"):
+        assert f(x).tolist() == [4.0, 4.0]
+    assert f(x).tolist() == [6.0, 6.0]
+
+
 def test_use_backend_is_per_thread(monkeypatch):
     import threading
 

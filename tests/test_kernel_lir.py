@@ -25,8 +25,8 @@ def small_blocks(monkeypatch):
     """Blocks of 16 classes, 16 patches, 16 channels; statistics merged 2 tiles at a time."""
     monkeypatch.setattr(
         lir, "_config",
-        lambda dev, k, n, d: dict(block_k=16, block_n=16, block_d=16, block_do=16, block_t=2, bwd_block_n=16, num_warps=4,
-                                       num_stages=1),
+        lambda dev, k, n, d: dict(block_k=16, block_n=16, block_d=16, block_do=16, block_t=2, bwd_block_n=16,
+                                  num_warps=4, num_stages=1),
     )
 
 

@@ -201,7 +201,8 @@ def _patched(*patches):
 AFFINITY_SMALL_BLOCKS = (
     (k_affinity, "_fwd_config", lambda dev, n, d, **kw: dict(block=16, block_d=16, num_warps=4, num_stages=1)),
     (k_affinity, "_bwd_config",
-     lambda dev, b, n, d, **kw: dict(block_m=16, block_n=16, block_d=16, block_do=16, split=2, num_warps=4, num_stages=1)),
+     lambda dev, b, n, d, **kw: dict(block_m=16, block_n=16, block_d=16, block_do=16, split=2, num_warps=4,
+                                     num_stages=1)),
     (k_affinity, "_rows_config", lambda dev: dict(block_r=16, block_d=16, num_warps=4)),
 )
 
@@ -289,8 +290,8 @@ def test_affinity_loss_matches_reference(case):
 # --------------------------------------------------------------------------------------------
 LIR_SMALL_BLOCKS = (
     (k_lir, "_config",
-     lambda dev, k, n, d: dict(block_k=16, block_n=16, block_d=16, block_do=16, block_t=2, bwd_block_n=16, num_warps=4,
-                  num_stages=1)),
+     lambda dev, k, n, d: dict(block_k=16, block_n=16, block_d=16, block_do=16, block_t=2, bwd_block_n=16,
+                               num_warps=4, num_stages=1)),
 )
 
 
