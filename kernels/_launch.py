@@ -175,3 +175,4 @@ def aot_kernel(name: str, fn, args: dict, num_warps: int, num_stages: int, shape
 TL_DTYPE = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "fp64": "fp64"}
 TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 AOT_DEVICE = torch.device("cuda")  # a device object only: nothing runs on it
+DEFAULT_STAGES = 3  # num_stages of a launch that passes none (Triton's CUDA backend default)

@@ -471,7 +471,7 @@ def affinity_loss(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: int 
 def aot_configs(case) -> list:
     """The kernels forward and backward launch for `case` (a kernels._launch.AotCase): contiguous
     B x N x D tokens of case.dtype, int64 labels, on a GPU of compute capability case.cc."""
-    from ._launch import AOT_DEVICE as dev, TORCH_DTYPE, aot_kernel
+    from ._launch import AOT_DEVICE as dev, DEFAULT_STAGES, TORCH_DTYPE, aot_kernel
 
     b, n, d = case.B, case.N, case.D
     xp = "*" + case.dtype
@@ -488,7 +488,7 @@ def aot_configs(case) -> list:
     rows = dict(R=b * n, N=n, D=d, **x, eps=NORM_EPS, BLOCK_R=rcfg["block_r"], BLOCK_D=rcfg["block_d"])
     return [
         aot_kernel("affinity_rownorm", _affinity_rownorm_kernel, dict(x_ptr=xp, rn_ptr="*fp32", **rows),
-                   rcfg["num_warps"], 3, shapes),
+                   rcfg["num_warps"], DEFAULT_STAGES, shapes),
         aot_kernel("affinity_fwd", _affinity_fwd_kernel, dict(
             x_ptr=xp, lab_ptr="*i64", rn_ptr="*fp32", psum_ptr="*fp32", pcnt_ptr="*i32", N=n, D=d, ignore_index=255,
             **x, **lab, BLOCK=fcfg["block"], BLOCK_D=fcfg["block_d"], UPCAST=upcast, DOT_PREC=prec,
@@ -496,7 +496,7 @@ def aot_configs(case) -> list:
         aot_kernel("affinity_finalize", _affinity_finalize_kernel, dict(
             psum_ptr="*fp32", pcnt_ptr="*i32", P=b * t * t, loss_ptr="*fp32", coef_ptr="*fp32",
             BLOCK_P=_FINALIZE["block_p"],
-        ), _FINALIZE["num_warps"], 3, shapes),
+        ), _FINALIZE["num_warps"], DEFAULT_STAGES, shapes),
         aot_kernel("affinity_bwd", _affinity_bwd_kernel, dict(
             x_ptr=xp, lab_ptr="*i64", rn_ptr="*fp32", coef_ptr="*fp32", gout_ptr="*fp32", g_ptr="*fp32",
             B=b, N=n, D=d, ignore_index=255, **x, **lab, T=t_j, TILES_PER_SPLIT=per_split,
@@ -506,7 +506,7 @@ def aot_configs(case) -> list:
         aot_kernel("affinity_norm_bwd", _affinity_norm_bwd_kernel, dict(
             x_ptr=xp, g_ptr="*fp32", dx_ptr=xp, SPLIT=split, split_stride=b * n * d,
             **{k: v for k, v in rows.items()},
-        ), rcfg["num_warps"], 3, shapes),
+        ), rcfg["num_warps"], DEFAULT_STAGES, shapes),
     ]
 
 

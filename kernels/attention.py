@@ -300,7 +300,7 @@ def aot_configs(case, registers: int = 4, reduce: str = "mean_softmax") -> list:
     """The kernels the op launches for `case` (a kernels._launch.AotCase): q and k of case.dtype
     as timm's attention slices them from qkv (B x T x 3 x heads x d, permuted), `registers`
     prefix tokens, case.K class queries, the backbone's mean_softmax reduce."""
-    from ._launch import AOT_DEVICE as dev, TORCH_DTYPE, aot_kernel
+    from ._launch import AOT_DEVICE as dev, DEFAULT_STAGES, TORCH_DTYPE, aot_kernel
 
     b, heads, t, ncls = case.B, case.heads, case.T, case.K
     d = case.D // heads
@@ -317,10 +317,10 @@ def aot_configs(case, registers: int = 4, reduce: str = "mean_softmax") -> list:
     out = [] if not mean else [aot_kernel("cpa_row_stats", _cpa_row_stats_kernel, dict(
         q_ptr=tp, k_ptr=tp, m_ptr="*fp32", inv_l_ptr="*fp32", H=heads, T=t, D=d, num_prefix=registers,
         num_cls=ncls, **strides, qk_scale=qk_scale, **blocks,
-    ), _NUM_WARPS, 3, shapes)]
+    ), _NUM_WARPS, DEFAULT_STAGES, shapes)]
     out.append(aot_kernel("cpa_reduce", _cpa_reduce_kernel, dict(
         q_ptr=tp, k_ptr=tp, m_ptr="*fp32", inv_l_ptr="*fp32", out_ptr="*fp32", H=heads, D=d, num_prefix=registers,
         num_cls=ncls, N=n, **strides, qk_scale=qk_scale, head_weight=1.0 / heads if mean else 1.0,
         MEAN_SOFTMAX=mean, **blocks,
-    ), _NUM_WARPS, 3, shapes))
+    ), _NUM_WARPS, DEFAULT_STAGES, shapes))
     return out

@@ -687,7 +687,7 @@ def aot_configs(case, score: str = "published", topk_ratio: float = 0.5) -> list
     """The kernels forward and backward launch for `case` (a kernels._launch.AotCase): contiguous
     B x K x D heads and B x (K + N) x D nodes of case.dtype (the model's two projections),
     k = int(topk_ratio K) neighbours (the default recipe), the given score."""
-    from ._launch import AOT_DEVICE as dev, TORCH_DTYPE, aot_kernel
+    from ._launch import AOT_DEVICE as dev, DEFAULT_STAGES, TORCH_DTYPE, aot_kernel
 
     b, ncls, d = case.B, case.K, case.D
     nodes = ncls + case.N
@@ -708,19 +708,19 @@ def aot_configs(case, score: str = "published", topk_ratio: float = 0.5) -> list
         aot_kernel("gcr_logits", _gcr_logits_kernel, dict(
             h_ptr=tp, e_ptr=tp, a_ptr=cp, K=ncls, L=nodes, D=d, **hs, **es,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=upcast, PRECISION=precision, **cfg,
-        ), _LOGITS_WARPS, 3, shapes),
+        ), _LOGITS_WARPS, DEFAULT_STAGES, shapes),
         aot_kernel("gcr_topk", _gcr_topk_kernel, dict(
             a_ptr=cp, idx_ptr="*i32", p_ptr=cp, L=nodes, k=k, KPAD=kpad, BLOCK_L=_topk_block(nodes, False),
-        ), _TOPK_WARPS, 3, shapes),
+        ), _TOPK_WARPS, DEFAULT_STAGES, shapes),
         aot_kernel("gcr_aggregate", _gcr_aggregate_kernel, dict(
             h_ptr=tp, e_ptr=tp, m_ptr=tp, idx_ptr="*i32", p_ptr=cp, att_ptr=cp, K=ncls, D=d, k=k, **hs, **es,
             s_mb=ncls * d, s_mk=d, s_md=1, KPAD=kpad, BLOCK_D=block_d, PUBLISHED=published, **cfg,
-        ), _ROW_WARPS, 3, shapes),
+        ), _ROW_WARPS, DEFAULT_STAGES, shapes),
         aot_kernel("gcr_bwd_rows", _gcr_backward_rows_kernel, dict(
             dm_ptr=tp, h_ptr=tp, e_ptr=tp, idx_ptr="*i32", p_ptr=cp, att_ptr=cp, dh_ptr=tp, ds_ptr=cp, dw_ptr=cp,
             snb_ptr=cp, sg_ptr=cp, K=ncls, D=d, k=k, s_gb=ncls * d, s_gk=d, s_gd=1, **hs, **es,
             s_db=ncls * d, s_dk=d, s_dd=1, KPAD=kpad, BLOCK_D=block_d, PUBLISHED=published, **cfg,
-        ), _ROW_WARPS, 3, shapes),
+        ), _ROW_WARPS, DEFAULT_STAGES, shapes),
         aot_kernel("gcr_bwd_nodes", _gcr_backward_nodes_kernel, dict(
             dm_ptr=tp, h_ptr=tp, e_ptr=tp, de_ptr=tp, order_ptr="*i64", nodes_ptr="*i32", offsets_ptr="*i64",
             p_ptr=cp, att_ptr=cp, ds_ptr=cp, dw_ptr=cp, snb_ptr=cp, sg_ptr=cp, K=ncls, L=nodes, D=d, k=k,

@@ -370,7 +370,7 @@ def aot_configs(case) -> list:
     """The kernels forward and backward launch for `case` (a kernels._launch.AotCase): B x K x D
     class tokens and B x N x D patch tokens of case.dtype as the model hands them (the patch
     tokens a slice of the B x T x D token tensor), int64 labels, fp32 image labels."""
-    from ._launch import AOT_DEVICE as dev, TORCH_DTYPE, aot_kernel
+    from ._launch import AOT_DEVICE as dev, DEFAULT_STAGES, TORCH_DTYPE, aot_kernel
 
     b, k, n, d = case.B, case.K, case.N, case.D
     tp = "*" + case.dtype
@@ -391,7 +391,7 @@ def aot_configs(case) -> list:
             st_m_ptr="*fp32", st_s_ptr="*fp32", st_z_ptr="*fp32", st_c_ptr="*i32", cls_ptr="*fp32",
             loss_ptr="*fp32", aux_ptr="*fp32", B=b, K=k, T=t, inv_b=1.0 / b, scb=k, sck=1,
             BLOCK_K=cfg["block_k"], BLOCK_T=cfg["block_t"],
-        ), _COMBINE_WARPS, 3, shapes),
+        ), _COMBINE_WARPS, DEFAULT_STAGES, shapes),
         aot_kernel("lir_bwd", _lir_bwd_kernel, dict(
             q_ptr=tp, p_ptr=tp, lab_ptr="*i64", z_ptr="*fp32", aux_ptr="*fp32", gout_ptr="*fp32", dq_ptr=tp,
             **common, BLOCK_K=cfg["block_k"], BLOCK_N=cfg["bwd_block_n"], BLOCK_DO=cfg["block_do"],
