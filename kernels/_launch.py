@@ -34,9 +34,9 @@ def interpreted(device: torch.device) -> bool:
 # - Under the interpreter (CPU tensors), bf16 tiles are upcast to fp32 first: the interpreter's
 #   bf16 tl.dot returns garbage. fp16 and fp32 dots work there and run as they are.
 # - fp32 operands: one choice per op (its `F32_DOT`), applied on NVIDIA sm80+:
-#     "tf32x3"  3xTF32 on the tensor cores, about fp32-accurate (~1e-7 relative per product
-#               sum): the ops whose cost is a large Gram-type product (affinity N x N x D,
-#               LIR K x N x D, its backward, the energy's filtering);
+#     "tf32x3"  3xTF32 on the tensor cores, close to fp32 (each product to ~2^-21 relative,
+#               fp32's is 2^-24): the ops whose cost is a large Gram-type product (affinity
+#               N x N x D, LIR K x N x D and its backward; the energy picks its own);
 #     "ieee"    exact fp32 FMA products: ops where a tiny logit change flips a discrete choice
 #               (GCR's top-k neighbour selection, its one-hot scatter) or is amplified by a
 #               softmax exponent over few short dots (class-patch attention, d = 64).
