@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 import triton
@@ -144,13 +145,19 @@ def aot_kernel(name: str, fn, args: dict, num_warps: int, num_stages: int, shape
       multiple of 16 carries divisibility 16 (both as the JIT specializes);
     - for a float: any float (fp32).
     """
-    const_names = {p.name for p in fn.params if p.is_constexpr}
-    missing = [n for n in fn.arg_names if n not in args]
-    extra = [n for n in args if n not in fn.arg_names]
+    if hasattr(fn, "params"):  # a JITFunction
+        arg_names = list(fn.arg_names)
+        const_names = {p.name for p in fn.params if p.is_constexpr}
+    else:  # the interpreter's InterpretedFunction (TRITON_INTERPRET=1): read the Python signature
+        params = inspect.signature(fn.fn).parameters
+        arg_names = list(params)
+        const_names = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
+    missing = [n for n in arg_names if n not in args]
+    extra = [n for n in args if n not in arg_names]
     if missing or extra:
         raise ValueError(f"args: {name} misses {missing}, has unknown {extra}")
     signature, constexprs, attrs = {}, {}, {}
-    for i, arg in enumerate(fn.arg_names):
+    for i, arg in enumerate(arg_names):
         v = args[arg]
         if arg in const_names:
             signature[arg], constexprs[arg] = "constexpr", v

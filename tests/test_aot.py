@@ -72,3 +72,59 @@ def test_fp32_dots_follow_the_policy(rows):
 
 def test_blocks_fit_on_an_sm(rows):
     assert all(r["ctas"] >= 1 for r in rows), rows
+
+
+# ---------------------------------------------------------------- no compile: the helpers
+def test_aot_kernel_specializes_as_the_jit():
+    """Integers equal to 1 become constexprs, multiples of 16 carry divisibility 16, pointers
+    are aligned; every argument of the kernel must be given."""
+    from kernels import affinity
+    from kernels._launch import aot_kernel
+
+    args = dict(x_ptr="*bf16", rn_ptr="*fp32", R=3136, N=784, D=768, sxb=808 * 768, sxn=768, sxd=1, eps=1e-8,
+                BLOCK_R=8, BLOCK_D=256)
+    cfg = aot_kernel("rownorm", affinity._affinity_rownorm_kernel, args, 4, 3)
+    names = list(cfg.signature)
+    assert cfg.signature["sxd"] == "constexpr" and cfg.constexprs["sxd"] == 1
+    assert cfg.signature["eps"] == "fp32" and cfg.signature["x_ptr"] == "*bf16" and cfg.signature["N"] == "i32"
+    div16 = {names[i[0]] for i in cfg.attrs}
+    assert div16 == {"x_ptr", "rn_ptr", "R", "N", "D", "sxb", "sxn"}
+    with pytest.raises(ValueError, match="^args: rownorm misses"):
+        aot_kernel("rownorm", affinity._affinity_rownorm_kernel, {k: v for k, v in args.items() if k != "eps"}, 4, 3)
+
+
+def test_ctas_per_sm():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import aot_report
+
+    assert aot_report.ctas_per_sm(90, 255, 0, 8) == 1  # 255 -> 256 registers a thread, 256 threads
+    assert aot_report.ctas_per_sm(90, 32, 0, 4) == 16  # threads: 2048 / 128
+    assert aot_report.ctas_per_sm(90, 64, 100 * 1024, 4) == 2  # shared memory: 228 KB / 101 KB
+    assert aot_report.ctas_per_sm(80, 64, 100 * 1024, 4) == 1  # 164 KB / 101 KB
+    assert aot_report.ctas_per_sm(80, 64, 200 * 1024, 4) == 0  # over sm_80's 163 KB a block
+
+
+def test_precision_policy():
+    import torch
+
+    from kernels._launch import dot_config
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    bf16, fp16, fp32, fp64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
+    # half operands: native on a GPU; under the interpreter only bf16 is upcast
+    assert dot_config(bf16, cuda, "tf32x3", cuda=True) == (False, "tf32")
+    assert dot_config(fp16, cuda, "ieee", cuda=True) == (False, "tf32")
+    assert dot_config(bf16, cpu, "tf32x3") == (True, "ieee")
+    assert dot_config(fp16, cpu, "tf32x3") == (False, "ieee")
+    # fp32: the op's choice on a GPU, IEEE under the interpreter
+    assert dot_config(fp32, cuda, "tf32x3", cuda=True) == (False, "tf32x3")
+    assert dot_config(fp32, cuda, "ieee", cuda=True) == (False, "ieee")
+    assert dot_config(fp32, cpu, "tf32x3") == (False, "ieee")
+    # mixed and fp64-in-fp32: upcast, the fp32 choice; fp64 compute: IEEE in fp64
+    assert dot_config((fp32, fp16), cuda, "tf32x3", cuda=True) == (True, "tf32x3")
+    assert dot_config(fp64, cuda, "tf32x3", cuda=True) == (True, "tf32x3")
+    assert dot_config(fp64, cuda, "ieee", compute=fp64, cuda=True) == (False, "ieee")
+    with pytest.raises(ValueError, match="^mode:"):
+        from kernels._launch import f32_precision
+
+        f32_precision(cpu, "tf32")
