@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 import triton
@@ -10,6 +11,12 @@ import triton
 def device_ctx(t: torch.Tensor):
     """Launch on the tensor's GPU (Triton launches on the current device)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def capability(device: torch.device) -> int:
+    """The compute capability of a CUDA device as one number: 80 for sm_80, 90 for sm_90."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def interpreted(device: torch.device) -> bool:
@@ -28,9 +35,9 @@ def interpreted(device: torch.device) -> bool:
 # - Under the interpreter (CPU tensors), bf16 tiles are upcast to fp32 first: the interpreter's
 #   bf16 tl.dot returns garbage. fp16 and fp32 dots work there and run as they are.
 # - fp32 operands: one choice per op (its `F32_DOT`), applied on NVIDIA sm80+:
-#     "tf32x3"  3xTF32 on the tensor cores, about fp32-accurate (~1e-7 relative per product
-#               sum): the ops whose cost is a large Gram-type product (affinity N x N x D,
-#               LIR K x N x D, its backward, the energy's filtering);
+#     "tf32x3"  3xTF32 on the tensor cores, close to fp32 (each product to ~2^-21 relative,
+#               fp32's is 2^-24): the ops whose cost is a large Gram-type product (affinity
+#               N x N x D, LIR K x N x D and its backward; the energy picks its own);
 #     "ieee"    exact fp32 FMA products: ops where a tiny logit change flips a discrete choice
 #               (GCR's top-k neighbour selection, its one-hot scatter) or is amplified by a
 #               softmax exponent over few short dots (class-patch attention, d = 64).
@@ -119,3 +126,60 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     shapes: str = ""  # short description for the report, e.g. "B4 C21 224x224"
+    # (argument index,) -> [["tt.divisibility", 16]] as the JIT specializes them (`aot_kernel`);
+    # None: none (the report then compiles without alignment hints)
+    attrs: dict | None = None
+
+
+_DIV16 = [["tt.divisibility", 16]]
+
+
+def aot_kernel(name: str, fn, args: dict, num_warps: int, num_stages: int, shapes: str = "") -> KernelConfig:
+    """A KernelConfig from the arguments a launch passes, specialized as Triton's JIT does at run
+    time (so that the ahead-of-time compile is the kernel the GPU runs). `args` maps every
+    argument of `fn` to:
+    - for a constexpr parameter: its value;
+    - for a pointer: its type string ("*bf16", "*fp32", "*i64", ...), taken as 16-byte aligned
+      (torch's allocations are);
+    - for an integer: its value in the case: 1 becomes a constexpr, i32 or i64 by range, and a
+      multiple of 16 carries divisibility 16 (both as the JIT specializes);
+    - for a float: any float (fp32).
+    """
+    if hasattr(fn, "params"):  # a JITFunction
+        arg_names = list(fn.arg_names)
+        const_names = {p.name for p in fn.params if p.is_constexpr}
+    else:  # the interpreter's InterpretedFunction (TRITON_INTERPRET=1): read the Python signature
+        params = inspect.signature(fn.fn).parameters
+        arg_names = list(params)
+        const_names = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
+    missing = [n for n in arg_names if n not in args]
+    extra = [n for n in args if n not in arg_names]
+    if missing or extra:
+        raise ValueError(f"args: {name} misses {missing}, has unknown {extra}")
+    signature, constexprs, attrs = {}, {}, {}
+    for i, arg in enumerate(arg_names):
+        v = args[arg]
+        if arg in const_names:
+            signature[arg], constexprs[arg] = "constexpr", v
+        elif isinstance(v, str) and v.startswith("*"):
+            signature[arg], attrs[(i,)] = v, _DIV16
+        elif isinstance(v, bool):
+            signature[arg] = "u1"
+        elif isinstance(v, int):
+            if v == 1:
+                signature[arg], constexprs[arg] = "constexpr", 1
+                continue
+            signature[arg] = "i32" if -2**31 <= v < 2**31 else "i64"
+            if v % 16 == 0:
+                attrs[(i,)] = _DIV16
+        elif isinstance(v, float):
+            signature[arg] = "fp32"
+        else:
+            raise TypeError(f"args[{arg!r}]: expected a constexpr value, '*dtype', int or float, got {v!r}")
+    return KernelConfig(name, fn, signature, constexprs, num_warps, num_stages, shapes, attrs)
+
+
+TL_DTYPE = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "fp64": "fp64"}
+TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+AOT_DEVICE = torch.device("cuda")  # a device object only: nothing runs on it
+DEFAULT_STAGES = 3  # num_stages of a launch that passes none (Triton's CUDA backend default)

@@ -47,7 +47,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from ._launch import device_ctx as _device_ctx, dot_config as _dot_config, pow2_clamp as _pow2_clamp
+from ._launch import capability as _capability, device_ctx as _device_ctx, dot_config as _dot_config
+from ._launch import pow2_clamp as _pow2_clamp
 
 NORM_EPS = 1e-8  # F.normalize eps of SPEC 2 (ToCo)
 # fp32 tokens (kernels/_launch.py, the precision policy): the N x N x D Gram products are the
@@ -287,25 +288,53 @@ def _affinity_norm_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-def _fwd_config(device: torch.device, n: int, d: int) -> dict:
-    """Block sizes of the forward (tests override this to exercise multi-tile paths)."""
+def _narrow_d(dtype: torch.dtype | None, cc: int) -> bool:
+    """16-wide D chunks instead of 32: fp32 tiles (3xTF32 splits each operand in two) on GPUs
+    before sm_90, where ptxas spilled the 32-wide forward and backward (sm_80: 255 registers
+    and 44-112 spill bytes; 16 wide: none, with triton 3.6 and 3.8)."""
+    return dtype not in (torch.float16, torch.bfloat16) and cc < 90
+
+
+def _fwd_config(device: torch.device, n: int, d: int, dtype: torch.dtype | None = None,
+                cc: int | None = None) -> dict:
+    """Block sizes of the forward (tests override this to exercise multi-tile paths). dtype: of
+    the tokens; cc: the GPU's compute capability (default: the device's)."""
     if device.type == "cuda":
-        return dict(block=64, block_d=32, num_warps=4, num_stages=3)
+        cc = _capability(device) if cc is None else cc
+        return dict(block=64, block_d=16 if _narrow_d(dtype, cc) else 32, num_warps=4, num_stages=3)
     # interpreter: each program costs ~10 ms of Python, so few large blocks
     return dict(block=_pow2_clamp(n, 16, 256), block_d=_pow2_clamp(d, 16, 256), num_warps=4, num_stages=1)
 
 
-def _bwd_config(device: torch.device, b: int, n: int, d: int) -> dict:
-    """Block sizes and column split of the backward (tests override this)."""
+def _bwd_config(device: torch.device, b: int, n: int, d: int, dtype: torch.dtype | None = None,
+                cc: int | None = None, sms: int | None = None) -> dict:
+    """Block sizes and column split of the backward (tests override this). dtype: of the tokens;
+    cc, sms: the GPU's compute capability and SM count (default: the device's)."""
     if device.type == "cuda":
+        cc = _capability(device) if cc is None else cc
+        block_d = 16 if _narrow_d(dtype, cc) else 32
         block_m = 64
         t_i = triton.cdiv(n, block_m)
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        if sms is None:
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
         split = max(1, min(4, triton.cdiv(sms, b * t_i)))  # about one wave of programs
         # 8 warps: no register spills with ptxas for sm_80 and sm_90 (4 warps spill)
-        return dict(block_m=block_m, block_n=64, block_d=32, block_do=32, split=split, num_warps=8, num_stages=2)
+        return dict(block_m=block_m, block_n=64, block_d=block_d, block_do=block_d, split=split, num_warps=8,
+                    num_stages=2)
     block, block_d = _pow2_clamp(n, 16, 256), _pow2_clamp(d, 16, 256)
     return dict(block_m=block, block_n=block, block_d=block_d, block_do=block_d, split=1, num_warps=4, num_stages=1)
+
+
+def _bwd_grid(cfg: dict, n: int) -> tuple[int, int, int, int]:
+    """(row tiles, column tiles, column tiles per split, splits) of the backward."""
+    t_i = triton.cdiv(n, cfg["block_m"])
+    t_j = triton.cdiv(n, cfg["block_n"])
+    per_split = max(1, triton.cdiv(t_j, max(1, min(cfg["split"], t_j))))
+    split = max(1, triton.cdiv(t_j, per_split))  # every split gets at least one column tile
+    return t_i, t_j, per_split, split
+
+
+_FINALIZE = dict(block_p=1024, num_warps=4)
 
 
 def _rows_config(device: torch.device) -> dict:
@@ -318,7 +347,7 @@ def _affinity_forward(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: 
     """(loss fp32 scalar, coef fp32 [2] = pair weights, rn fp32 B x N) of validated inputs."""
     b, n, d = tokens.shape
     dev = tokens.device
-    cfg = _fwd_config(dev, n, d)
+    cfg = _fwd_config(dev, n, d, dtype=tokens.dtype)
     rcfg = _rows_config(dev)
     upcast, prec = _dot_config(tokens.dtype, dev, F32_DOT)
     block = cfg["block"]
@@ -341,7 +370,8 @@ def _affinity_forward(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: 
                 BLOCK=block, BLOCK_D=cfg["block_d"], UPCAST=upcast, DOT_PREC=prec,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )
-        _affinity_finalize_kernel[(1,)](psum, pcnt, b * t * t, loss, coef, BLOCK_P=1024, num_warps=4)
+        _affinity_finalize_kernel[(1,)](psum, pcnt, b * t * t, loss, coef, BLOCK_P=_FINALIZE["block_p"],
+                                        num_warps=_FINALIZE["num_warps"])
     return loss, coef, rn
 
 
@@ -350,13 +380,10 @@ def _affinity_backward(grad: torch.Tensor, tokens: torch.Tensor, labels: torch.T
     """dL/dtokens (contiguous, the dtype of tokens) for the upstream scalar gradient `grad`."""
     b, n, d = tokens.shape
     dev = tokens.device
-    cfg = _bwd_config(dev, b, n, d)
+    cfg = _bwd_config(dev, b, n, d, dtype=tokens.dtype)
     rcfg = _rows_config(dev)
     upcast, prec = _dot_config(tokens.dtype, dev, F32_DOT)
-    t_i = triton.cdiv(n, cfg["block_m"])
-    t_j = triton.cdiv(n, cfg["block_n"])
-    per_split = max(1, triton.cdiv(t_j, max(1, min(cfg["split"], t_j))))
-    split = max(1, triton.cdiv(t_j, per_split))  # every split gets at least one column tile
+    t_i, t_j, per_split, split = _bwd_grid(cfg, n)
     scratch = torch.empty((split, b, n, d), dtype=torch.float32, device=dev)
     dx = torch.empty((b, n, d), dtype=tokens.dtype, device=dev)
     if dx.numel() == 0:
@@ -436,3 +463,51 @@ torch.library.register_autograd("more_fast::affinity_loss", _backward, setup_con
 def affinity_loss(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     """L_ptc (SPEC 2) of B x N x D tokens and B x N integer labels: an fp32 scalar."""
     return _affinity_loss_op(tokens, labels, int(ignore_index))[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time configurations (scripts/aot_report.py)
+# --------------------------------------------------------------------------------------------
+def aot_configs(case) -> list:
+    """The kernels forward and backward launch for `case` (a kernels._launch.AotCase): contiguous
+    B x N x D tokens of case.dtype, int64 labels, on a GPU of compute capability case.cc."""
+    from ._launch import AOT_DEVICE as dev, DEFAULT_STAGES, TORCH_DTYPE, aot_kernel
+
+    b, n, d = case.B, case.N, case.D
+    xp = "*" + case.dtype
+    upcast, prec = _dot_config(TORCH_DTYPE[case.dtype], dev, F32_DOT, cuda=True)
+    prec_f32 = _dot_config(torch.float32, dev, F32_DOT, cuda=True)[1]
+    dtype = TORCH_DTYPE[case.dtype]
+    fcfg, rcfg = _fwd_config(dev, n, d, dtype=dtype, cc=case.cc), _rows_config(dev)
+    bcfg = _bwd_config(dev, b, n, d, dtype=dtype, cc=case.cc, sms=_AOT_SMS[case.cc])
+    t = triton.cdiv(n, fcfg["block"])
+    _, t_j, per_split, split = _bwd_grid(bcfg, n)
+    x = dict(sxb=n * d, sxn=d, sxd=1)
+    lab = dict(slb=n, sln=1)
+    shapes = f"B{b} N{n} D{d}"
+    rows = dict(R=b * n, N=n, D=d, **x, eps=NORM_EPS, BLOCK_R=rcfg["block_r"], BLOCK_D=rcfg["block_d"])
+    return [
+        aot_kernel("affinity_rownorm", _affinity_rownorm_kernel, dict(x_ptr=xp, rn_ptr="*fp32", **rows),
+                   rcfg["num_warps"], DEFAULT_STAGES, shapes),
+        aot_kernel("affinity_fwd", _affinity_fwd_kernel, dict(
+            x_ptr=xp, lab_ptr="*i64", rn_ptr="*fp32", psum_ptr="*fp32", pcnt_ptr="*i32", N=n, D=d, ignore_index=255,
+            **x, **lab, BLOCK=fcfg["block"], BLOCK_D=fcfg["block_d"], UPCAST=upcast, DOT_PREC=prec,
+        ), fcfg["num_warps"], fcfg["num_stages"], shapes),
+        aot_kernel("affinity_finalize", _affinity_finalize_kernel, dict(
+            psum_ptr="*fp32", pcnt_ptr="*i32", P=b * t * t, loss_ptr="*fp32", coef_ptr="*fp32",
+            BLOCK_P=_FINALIZE["block_p"],
+        ), _FINALIZE["num_warps"], DEFAULT_STAGES, shapes),
+        aot_kernel("affinity_bwd", _affinity_bwd_kernel, dict(
+            x_ptr=xp, lab_ptr="*i64", rn_ptr="*fp32", coef_ptr="*fp32", gout_ptr="*fp32", g_ptr="*fp32",
+            B=b, N=n, D=d, ignore_index=255, **x, **lab, T=t_j, TILES_PER_SPLIT=per_split,
+            BLOCK_M=bcfg["block_m"], BLOCK_N=bcfg["block_n"], BLOCK_D=bcfg["block_d"], BLOCK_DO=bcfg["block_do"],
+            UPCAST=upcast, DOT_PREC=prec, DOT_PREC_F32=prec_f32,
+        ), bcfg["num_warps"], bcfg["num_stages"], f"{shapes} split {split}"),
+        aot_kernel("affinity_norm_bwd", _affinity_norm_bwd_kernel, dict(
+            x_ptr=xp, g_ptr="*fp32", dx_ptr=xp, SPLIT=split, split_stride=b * n * d,
+            **{k: v for k, v in rows.items()},
+        ), rcfg["num_warps"], DEFAULT_STAGES, shapes),
+    ]
+
+
+_AOT_SMS = {80: 108, 90: 132}  # A100, H100 / H200 SXM: the backward's column split

@@ -261,3 +261,30 @@ def par_refine(
     affinity is computed once per image and shared by all channels.
     """
     return _par_refine_op(image.detach(), masks.detach(), [int(d) for d in dilations], int(num_iter))
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time configurations (scripts/aot_report.py)
+# --------------------------------------------------------------------------------------------
+def aot_configs(case, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24)) -> list:
+    """The kernels `par_refine` launches for `case` (a kernels._launch.AotCase): the fp32 image at
+    case.H x case.W and 2 (K + 1) mask channels (the two background-threshold sets the caller
+    concatenates), contiguous, the default dilations."""
+    from ._launch import DEFAULT_STAGES, aot_kernel
+
+    warps = 4  # both launches above pass num_warps=4
+    b, h, w = case.B, case.H, case.W
+    c = 2 * (case.K + 1)
+    j = len(_offsets(tuple(int(d) for d in dilations)))
+    shapes = f"B{b} C{c} {h}x{w} J{j}"
+    block_c = _channel_block(c)
+    return [
+        aot_kernel("par_affinity", _par_affinity_kernel, dict(
+            img_ptr="*fp32", dy_ptr="*i32", dx_ptr="*i32", pos_ptr="*fp32", aff_ptr="*fp32", H=h, W=w, J=j, CI=3,
+            s_ib=3 * h * w, s_ic=h * w, s_ih=w, s_iw=1, BLOCK_J=triton.next_power_of_2(j), BLOCK_P=_AFF_BLOCK_P,
+        ), warps, DEFAULT_STAGES, shapes),
+        aot_kernel("par_step", _par_step_kernel, dict(
+            src_ptr="*fp32", aff_ptr="*fp32", dy_ptr="*i32", dx_ptr="*i32", dst_ptr="*fp32", H=h, W=w, J=j, C=c,
+            s_b=c * h * w, s_c=h * w, s_h=w, s_w=1, BLOCK_C=block_c, BLOCK_P=_STEP_BLOCK_P,
+        ), warps, DEFAULT_STAGES, shapes),
+    ]
