@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import kernels
+from helpers import DEVICE
 from kernels import energy as k_energy
 from kernels import reference
 
@@ -42,7 +43,8 @@ def _inputs(b, c, h, w, dtype, ci=3, seed=0):
     gate = torch.where(uncertain, 1.0, (1 - probs.amax(1)).clamp_min(0))
     gate[0, : h // 3] = 0
     gate[-1, :, -2:] = 0
-    return image, probs.to(dtype), gate.to(dtype)
+    # drawn on the CPU (the same numbers on both devices), run where the kernels compile or interpret
+    return image.to(DEVICE), probs.to(dtype).to(DEVICE), gate.to(dtype).to(DEVICE)
 
 
 def _reference(image, probs, gate, sigma_rgb, sigma_xy):
@@ -173,7 +175,27 @@ def test_production_sigmas_run_the_split_kernel_and_bound_the_features():
     assert float(k_energy._split_features(image, 15.0, 50.0, 224 * 224, 32)[2]) <= bound
 
 
+_BEYOND_RANGE = """
+import torch, kernels
+image = torch.rand(1, 3, 9, 11, device="cuda") * 255000
+probs = torch.rand(1, 3, 9, 11, device="cuda").softmax(1)
+gate = torch.ones(1, 9, 11, device="cuda")
+with kernels.use_backend("triton"):
+    kernels.dense_energy_loss(image, probs, gate, 15.0, 10.0)
+torch.cuda.synchronize()
+"""
+
+
 def test_image_beyond_the_pixel_range_fails_the_device_check():
+    if DEVICE.type == "cuda":  # a device-side assert poisons the CUDA context: check it in a child
+        import subprocess
+        import sys
+
+        proc = subprocess.run([sys.executable, "-c", _BEYOND_RANGE], capture_output=True, text=True, timeout=300)
+        # torch._assert_async's message reaches stderr on the CPU; CUDA reports a device-side assert
+        assert proc.returncode != 0 and ("0..255" in proc.stderr or "device-side assert" in proc.stderr), \
+            proc.stderr[-2000:]
+        return
     image, probs, gate = _inputs(1, 3, 9, 11, torch.float32, seed=8)
     with pytest.raises(RuntimeError, match="0..255"):
         kernels.dense_energy_loss(image * 1000, probs, gate, 15.0, 10.0)

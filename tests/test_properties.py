@@ -59,6 +59,7 @@ from kernels import par as k_par  # noqa: E402
 
 F32, F16, F64 = torch.float32, torch.float16, torch.float64
 TOL = {F32: 1e-5, F16: 1e-2}  # the interpreter's; on CUDA each test takes its op's (_tol)
+ENERGY_TOL = 1e-3  # see test_dense_energy_loss_matches_reference
 ZERO_FLOOR = 1e-12  # ||ref|| below this counts as an exactly-zero reference
 EPS32 = torch.finfo(F32).eps
 ROUND_ULPS = 8  # see assert_close
@@ -629,7 +630,10 @@ def test_dense_energy_loss_matches_reference(case):
         lf = R.dense_energy_loss(image.float(), pf, gate.float(), sr, sx)
         return lf if which == "loss" else torch.autograd.grad(lf * g_out, pf)[0]
 
-    tol = TOL[dtype]
+    # The fused energy rounds W (in (0, 1]) and S to fp16 for its second tensor-core dot by design
+    # (kernels/energy.py): ~2^-11 per factor, averaging over the pairs; its contract is 1e-3 relative
+    # for the loss and the gradient (tests/test_kernel_energy.py holds it at the production shapes).
+    tol = max(TOL[dtype], ENERGY_TOL)
     assert_close("E", loss, loss_ref, tol, functools.partial(fp32_ref, "loss"))
     assert_close("d probs", grad, grad_ref, tol, functools.partial(fp32_ref, "grad"))
 
