@@ -25,7 +25,7 @@ from .. import losses as L
 from ..data import normalize
 from ..model.network import MoReNet, MoReOutput
 from . import state as S
-from .config import TrainConfig
+from .config import RECIPES, TrainConfig
 from .data import build_dataset, eval_loader, resolve_data_root, train_loader
 from .evaluate import evaluate, format_table
 from .optim import build_optimizer, build_scheduler
@@ -38,8 +38,17 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def differs_from_recipe(cfg: TrainConfig) -> dict:
+    """The fields whose value is not the one of the run's recipe (--data): what a run changed."""
+    recipe = TrainConfig(**RECIPES[cfg.data]).to_dict()
+    return {name: value for name, value in cfg.to_dict().items() if value != recipe[name]}
+
+
 def loss_weights(cfg: TrainConfig, it: int) -> dict[str, float]:
-    """The loss terms active at iteration `it` (0-based) and their weights (SPEC 2, Total)."""
+    """The loss terms active at iteration `it` (0-based) and their weights (SPEC 2, Total).
+
+    A term whose weight is 0 is left out, so it is not computed at all: w_cre = w_ure = 0 is the
+    ablation without LIR."""
     w = {"cls": 1.0, "aux": 1.0, "mct": 1.0}
     if it >= cfg.scaled("ptc_start"):
         w["ptc"] = cfg.w_ptc
@@ -49,7 +58,7 @@ def loss_weights(cfg: TrainConfig, it: int) -> dict[str, float]:
     if it > cfg.scaled("seg_start"):
         w["seg"] = cfg.w_seg
         w["reg"] = cfg.w_reg
-    return w
+    return {name: value for name, value in w.items() if value != 0}
 
 
 def compute_losses(out: MoReOutput, cls_labels: torch.Tensor, ptc_labels: torch.Tensor,
@@ -66,11 +75,14 @@ def compute_losses(out: MoReOutput, cls_labels: torch.Tensor, ptc_labels: torch.
         terms["ptc"] = L.ptc_loss(out.patch_tokens, ptc_labels)
     if "cre" in weights:
         terms["cre"] = L.cre_loss(out.class_tokens, out.patch_tokens, cre_labels, cls_labels, cre_temperature)
+    if "ure" in weights:
         terms["ure"] = L.ure_loss(out.patch_tokens, out.class_tokens, ure_index, ure_valid, cls_labels)
-    if "seg" in weights:
+    if "seg" in weights or "reg" in weights:
         seg = F.interpolate(out.seg.float(), size=image.shape[-2:], mode="bilinear", align_corners=False)
-        terms["seg"] = L.seg_loss(seg, seg_labels)
-        terms["reg"] = L.reg_loss(image, seg, seg_labels, scale=reg_scale)
+        if "seg" in weights:
+            terms["seg"] = L.seg_loss(seg, seg_labels)
+        if "reg" in weights:
+            terms["reg"] = L.reg_loss(image, seg, seg_labels, scale=reg_scale)
     total = sum(weights[name] * value.float() for name, value in terms.items())
     return total, terms
 
@@ -156,7 +168,7 @@ class TrainStep:
             ure = cre
         noise = torch.rand(ure.shape[0], ure.shape[1] * ure.shape[2], generator=self.ure_gen, device=self.device)
         ure_index, ure_valid = L.ure_sample(ure, noise)
-        seg = C.par_pseudo_labels(image, maps["cam"], cls_labels) if "seg" in weights else None
+        seg = C.par_pseudo_labels(image, maps["cam"], cls_labels) if "seg" in weights or "reg" in weights else None
         return StepLabels(aux_labels.flatten(1), cre.flatten(1), ure_index, ure_valid, seg)
 
     def _all_finite(self, total: torch.Tensor) -> bool:
@@ -181,7 +193,7 @@ class TrainStep:
             total, terms = self.losses(out, cls_labels, labels.ptc, labels.cre, labels.ure_index,
                                        labels.ure_valid, labels.seg, image, weights, cfg.cre_temperature,
                                        cfg.reg_scale)
-            if self.ddp and "seg" not in weights:  # DDP needs a gradient for every output; the decoder's is 0
+            if self.ddp and "seg" not in weights and "reg" not in weights:  # DDP needs a gradient for every output; the decoder's is 0
                 total = total + 0.0 * out.seg.float().sum()
         if cfg.on_nonfinite == "skip" and not self._all_finite(total):  # a sync, only in skip mode
             self.skipped += 1
@@ -213,7 +225,7 @@ class Trainer:
         self.val_set = build_dataset(cfg, root, cfg.val_split, False)
         self.model = MoReNet(cfg.backbone, cfg.num_classes, cfg.num_registers, cfg.topk_ratio, cfg.gcr_score,
                              attn_impl=cfg.attn_impl, depth=cfg.depth, decoder_dim=cfg.decoder_dim,
-                             patch_size=cfg.patch_size)
+                             patch_size=cfg.patch_size, gcr=cfg.gcr)
         if cfg.pretrained:
             from ..checkpoint import read_state_dict
 
@@ -232,6 +244,9 @@ class Trainer:
         self.log(f"device {self.device} | {self.trainer.amp_note} | compile {'on' if cfg.compile else 'off'} | "
                  f"kernels {cfg.kernels} | world size {world}")
         self._log_schedule()
+        changed = differs_from_recipe(cfg)
+        self.log(f"config: the {cfg.data} recipe" + (" with " + ", ".join(f"{k}={v}" for k, v in changed.items())
+                                                      if changed else ", unchanged"))
 
     # ---------------------------------------------------------------- utilities
     def log(self, msg: str) -> None:
@@ -317,7 +332,8 @@ class Trainer:
         cfg = self.cfg
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            (self.out / "config.json").write_text(json.dumps(
+                {**cfg.to_dict(), "differs_from_recipe": differs_from_recipe(cfg)}, indent=2))
         if self.start_iter >= cfg.iters:
             self.log(f"nothing to do: the checkpoint is at iteration {self.start_iter} >= --iters {cfg.iters}")
         loader = iter(train_loader(self.train_set, cfg, self.start_iter * cfg.batch_size, self.device,
