@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .. import cam as C
 from .. import losses as L
+from ..artifacts import ArtifactMeter, format_artifacts
 from ..data import normalize
 from ..model.network import MoReNet, MoReOutput
 from . import state as S
@@ -312,14 +313,17 @@ class Trainer:
 
     def evaluate(self, it: int) -> dict[str, float]:
         cfg = self.cfg
+        meter = ArtifactMeter(cfg.num_classes, self.device)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             results = evaluate(self.model, eval_loader(self.val_set, cfg, self.device, self.rank, self.world),
                                cfg.num_classes, self.device, cfg.cam_scales, cfg.eval_bkg,
                                amp_dtype=self.trainer.amp_dtype,
                                panel_dir=self.out / "panels" / f"iter_{it:08d}" if self.is_main else None,
-                               num_panels=cfg.num_panels)
+                               num_panels=cfg.num_panels, artifacts=meter)
+        self.artifact = meter.result()
         self.log(format_table(results, it))
-        self._write_metrics({"iter": it, "eval": results})
+        self.log(format_artifacts(self.artifact))
+        self._write_metrics({"iter": it, "eval": results, "artifact": self.artifact})
         return results
 
     def _write_metrics(self, record: dict) -> None:
@@ -379,7 +383,13 @@ class Trainer:
         if evaluated_at < 0 and self.start_iter >= cfg.iters:
             results = self.evaluate(self.start_iter)
         if self.is_main:
-            (self.out / "results.json").write_text(json.dumps({"iter": cfg.iters, "miou": results}, indent=2))
+            artifact = getattr(self, "artifact", None)
+            (self.out / "results.json").write_text(json.dumps({"iter": cfg.iters, "miou": results,
+                                                               "artifact": artifact}, indent=2))
+            if artifact:
+                self.log("artifact ratio at the end: " + ", ".join(
+                    f"{label} {'n/a' if artifact[k] is None else format(artifact[k], '.3f')}"
+                    for k, label in (("attention", "class-patch attention"), ("lam", "LAM"))) + " (lower is better)")
             self.log(f"done in {format_eta(time.perf_counter() - t_start)}; outputs in {self.out} "
                      f"(metrics.jsonl, results.json, panels/, checkpoints/)")
         return results
