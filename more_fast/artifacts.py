@@ -19,6 +19,9 @@ and LIR remove them. This measures it against the ground truth, at the patch lev
   labelled patches) is left out.
 - Per class: the mean of r(i, c) over the images where it is defined. Overall: the mean over all
   defined (image, class) pairs.
+- Chance level ("uniform"): the same ratio for a map spread evenly over the patches, i.e. the
+  share of an image's labelled patches that are not the class's. A map that ignores the image
+  scores it; a map better than chance scores below it.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 IGNORE = 255
-MAPS = ("attention", "lam")
+MAPS = ("attention", "lam", "uniform")
 
 
 def patch_labels(mask: torch.Tensor, grid: tuple[int, int], num_classes: int) -> torch.Tensor:
@@ -93,7 +96,8 @@ class ArtifactMeter:
         the raw P . Q: its positive part is used)."""
         labels = patch_labels(masks, grid, self.num_classes)
         present = present_classes(masks.long(), self.num_classes)
-        for name, maps in (("attention", attention), ("lam", lam.float().clamp_min(0))):
+        for name, maps in (("attention", attention), ("lam", lam.float().clamp_min(0)),
+                           ("uniform", torch.ones_like(attention))):
             ratio, defined = artifact_ratio(maps.flatten(2), labels, present)
             self.sums[name] = self.sums[name].to(ratio.device) + (ratio * defined).sum(0)
             self.counts[name] = self.counts[name].to(ratio.device) + defined.sum(0)
@@ -105,8 +109,8 @@ class ArtifactMeter:
                 dist.all_reduce(self.counts[name])
 
     def result(self) -> dict:
-        """{"attention", "lam": overall ratio (None without any pair), "<map>_per_class": K values
-        (None for a class never present), "pairs": the number of (image, class) pairs}."""
+        """{"attention", "lam", "uniform": overall ratio (None without any pair), "<map>_per_class":
+        K values (None for a class never present), "pairs": the number of (image, class) pairs}."""
         out = {}
         for name in MAPS:
             s, n = self.sums[name].cpu(), self.counts[name].cpu()
@@ -120,7 +124,8 @@ def format_artifacts(result: dict, per_class_limit: int = 20) -> str:
     """The printed rows: overall ratios and, up to `per_class_limit` classes, the per-class ones."""
     rows = ["artifact ratio (share of a present class's mass on patches of other classes or background; "
             "lower is better)"]
-    for name, label in (("attention", "class-patch attention"), ("lam", "LAM (positive part)")):
+    for name, label in (("attention", "class-patch attention"), ("lam", "LAM (positive part)"),
+                        ("uniform", "uniform map (chance)")):
         value = result.get(name)
         row = f"  {label:<22}{'n/a' if value is None else f'{value:.3f}':>8}"
         per_class = result.get(f"{name}_per_class") or []

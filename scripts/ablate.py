@@ -149,6 +149,10 @@ def write_table(path: pathlib.Path, rows: list, command: str, cfg, note: str) ->
                 ref = None if base is row or base.get("error") else (base.get("artifact") or {}).get(k)
                 cells.append(_fmt_diff(value, ref, 3))
         lines.append("| " + " | ".join(cells) + " |")
+    chance = next(((r.get("artifact") or {}).get("uniform") for r in rows
+                   if (r.get("artifact") or {}).get("uniform") is not None), None)
+    if chance is not None:
+        lines += ["", f"Chance level of the artifact ratio (a map spread evenly over the patches): {chance:.3f}."]
     if note:
         lines += ["", note]
     text = "\n".join(lines) + "\n"
@@ -177,6 +181,11 @@ def write_plot(path: pathlib.Path, rows: list) -> None:
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     axes[1].set_ylim(0, 1)
+    chance = next(((r.get("artifact") or {}).get("uniform") for r in ok
+                   if (r.get("artifact") or {}).get("uniform") is not None), None)
+    if chance is not None:
+        axes[1].axhline(chance, color="grey", linestyle="--", linewidth=1)
+        axes[1].text(1.45, chance, "chance", ha="right", va="bottom", color="grey", fontsize="small")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=max(1, len(ok)), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.92))

@@ -81,6 +81,9 @@ def test_ratio_mixed_case_by_hand_and_undefined_pairs():
     lam0 = (0.15 + 0.1 + 0.0) / (0.05 + 0.25 + 0.15 + 0.1 + 0.0)  # relu(maps - 0.05), image 0, class 0
     lam2 = (0.35 + 0.0) / (0.05 + 0.15 + 0.25 + 0.35 + 0.0)
     assert result["lam"] == pytest.approx((lam0 + lam2) / 2)
+    # chance, over every present class with labelled patches: image 0, class 0 owns 2 of the 5
+    # labelled patches, class 1 one; image 1, class 2 owns 3 of 5
+    assert result["uniform"] == pytest.approx((3 / 5 + 4 / 5 + 2 / 5) / 3)
     text = format_artifacts(result)
     assert "class-patch attention" in text and "0.450" in text and "per class: 0.50 - 0.40" in text
 
@@ -113,7 +116,7 @@ def test_a_tiny_run_logs_the_artifact_ratio(tiny_run):
     assert [r["iter"] for r in evals] == [1, 2]
     for r in evals:
         art = r["artifact"]
-        assert 0 <= art["attention"] <= 1 and 0 <= art["lam"] <= 1 and art["pairs"] > 0
+        assert 0 <= art["attention"] <= 1 and 0 <= art["lam"] <= 1 and 0 < art["uniform"] < 1 and art["pairs"] > 0
         assert len(art["attention_per_class"]) == 3
     assert sum("artifact ratio (share" in line for line in lines) == 2
     assert any(line.startswith("artifact ratio at the end: class-patch attention") for line in lines)
