@@ -40,6 +40,7 @@ _HOW_NOT_WHAT = {"out", "resume", "iters", "device", "workers", "compile", "kern
 def build_parser() -> argparse.ArgumentParser:
     doc = __doc__.split("\n\n")
     p = argparse.ArgumentParser(prog="ablate.py", description=doc[0], epilog="\n\n".join(doc[2:]),
+                                usage="ablate.py [--out OUT] [any train.py flag ...]",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/ablation", help="folder of the grid (default runs/ablation)")
     return p
