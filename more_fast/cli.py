@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import pathlib
+import sys
+import typing
 from typing import Optional, Sequence
 
 from .training.config import RECIPES, TrainConfig
@@ -74,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-bad-sample", choices=("stop", "skip"),
                    help="a training image or mask that cannot be read: stop (default: checkpoint, one line, "
                         "exit 2) or skip (replace it by another of the split; listed in metrics.jsonl)")
+    p.add_argument("--no-gcr", dest="gcr", action="store_false", default=None,
+                   help="class tokens go to the losses and the LAM without the GCR module (the ablation baseline)")
+    p.add_argument("--set", dest="set_fields", action="append", default=[], metavar="FIELD=VALUE",
+                   help="set any TrainConfig field (repeatable, applied last), e.g. --set w_cre=0 --set gcr=off; "
+                        "bools take on/off, Optional fields none, tuples comma-separated numbers")
     p.epilog = STOP_EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     return p
@@ -90,6 +98,90 @@ exit status: 0 done (or stopped by SIGUSR1), 2 bad flag, setup error or unreadab
   (after a checkpoint of the last finished iteration), 3 non-finite loss, 130 SIGINT, 143 SIGTERM."""
 
 
+def _set_error(message: str) -> None:
+    """One line on stderr and exit 2, as argparse's own errors exit."""
+    print(f"train.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _in(*choices):
+    return lambda v: v in choices, f"one of {', '.join(choices)}"
+
+
+# the ranges of the named flags, and of the fields that have none; the parsed value must pass
+_FIELD_CHECKS = {
+    **{name: (lambda v: v > 0, "a positive integer") for name in (
+        "iters", "schedule_iters", "recipe_iters", "reference_iters", "batch_size", "eval_every", "log_every",
+        "depth", "patch_size", "num_classes", "decoder_dim", "synthetic_train", "synthetic_val")},
+    **{name: (lambda v: v >= 0, "an integer >= 0") for name in (
+        "workers", "num_registers", "warmup_iters", "seg_start", "label_switch", "ptc_start", "lir_start",
+        "num_panels")},
+    **{name: (lambda v: v >= 0, "a number >= 0") for name in ("w_cre", "w_ure", "w_ptc", "w_seg", "w_reg",
+                                                             "weight_decay")},
+    **{name: (lambda v: v > 0, "a number > 0") for name in ("backbone_lr", "head_lr", "poly_power",
+                                                           "cre_temperature")},
+    "crop_size": (lambda v: v > 0, "a positive integer"),  # the patch-size multiple is checked below
+    "topk_ratio": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "reg_scale": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "eval_bkg": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "cam_scales": (lambda v: len(v) > 0 and all(x > 0 for x in v), "comma-separated numbers > 0"),
+    "gcr_score": _in("published", "dot"),
+    "attn_impl": _in("sdpa", "explicit"),
+    "kernels": _in("auto", "triton", "reference"),
+    "on_nonfinite": _in("stop", "skip"),
+}
+_TRUE, _FALSE = ("on", "true", "yes", "1"), ("off", "false", "no", "0")
+
+
+def _parse_value(name: str, kind, text: str):
+    """`text` as the field's type: bool, int, float, str, Optional[...], tuple of floats."""
+    if typing.get_origin(kind) is typing.Union:  # Optional[X]
+        if text.lower() == "none":
+            return None
+        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+    try:
+        if kind is bool:
+            if text.lower() not in _TRUE + _FALSE:
+                raise ValueError
+            return text.lower() in _TRUE
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        if kind is tuple or typing.get_origin(kind) is tuple:
+            return tuple(float(v) for v in text.split(","))
+        return text
+    except ValueError:
+        expected = {bool: "on or off", int: "an integer", float: "a number"}.get(kind, "comma-separated numbers")
+        _set_error(f"--set {name}={text}: expected {expected}")
+
+
+def parse_set(items: Sequence[str]) -> dict:
+    """--set FIELD=VALUE items -> {field: typed value}, the last of a repeated field winning.
+
+    Exits 2 with one line on an unknown field (naming the closest fields) or a value of the wrong
+    type or range."""
+    fields = typing.get_type_hints(TrainConfig)
+    values = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            _set_error(f"--set {item}: expected FIELD=VALUE")
+        if name not in fields:
+            close = difflib.get_close_matches(name, list(fields), n=3, cutoff=0.5)
+            hint = f"; closest: {', '.join(close)}" if close else f"; fields: {', '.join(fields)}"
+            _set_error(f"--set {name}: unknown TrainConfig field{hint}")
+        if name == "data":
+            _set_error("--set data: use --data (it selects the recipe the other fields start from)")
+        value = _parse_value(name, fields[name], text.strip())
+        check = _FIELD_CHECKS.get(name)
+        if value is not None and check is not None and not check[0](value):
+            _set_error(f"--set {name}={text}: expected {check[1]}")
+        values[name] = value
+    return values
+
+
 _FLAG_TO_FIELD = {"batch_size": "batch_size", "crop_size": "crop_size", "eval_every": "eval_every",
                   "log_every": "log_every", "data_root": "data_root", "split_list": "split_list",
                   "schedule_iters": "schedule_iters", "patch_size": "patch_size", "cam_scales": "cam_scales", "num_classes": "num_classes", "eval_bkg": "eval_bkg",
@@ -101,6 +193,10 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     """Parse flags into a TrainConfig: recipe defaults first, then the given flags; errors exit early."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    overrides = parse_set(args.set_fields)
+    for name, value in overrides.items():  # so the checks of the named flags below see --set values too
+        if hasattr(args, name) and value is not None:
+            setattr(args, name, value)
     values = dict(RECIPES[args.data])
     values["data"] = args.data
     for name in ("backbone", "depth", "pretrained", "iters", "out", "resume", "seed", "kernels", "workers", "device"):
@@ -111,6 +207,9 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
             values[field] = getattr(args, flag)
     values["amp"] = args.amp
     values["compile"] = args.compile
+    if args.gcr is not None:
+        values["gcr"] = args.gcr
+    values.update(overrides)
     if "out" not in values:
         values["out"] = args.resume if args.resume else f"runs/{args.data}"
     patch = args.patch_size or 16

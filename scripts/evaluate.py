@@ -14,6 +14,9 @@ Protocols (details in more_fast/protocols.py):
               1.25 1.5: logits of x plus flipped-back logits of flip(x), max over scales, argmax
               (--decoder-protocol mean_prob: the mean softmax of the 6 passes instead).
   both        the two, one after the other.
+Both protocols also report the artifact ratio (more_fast/artifacts.py): the share of a present
+class's class-patch attention, and of its LAM's positive mass, on patches of another class or
+background; measured at crop x crop from one single-scale forward per image. Lower is better.
 --crf adds dense-CRF rows (LAM and decoder, SPEC 7 parameters) to the published protocol. It
 needs the optional package pydensecrf2, installed separately: `pip install pydensecrf2`.
 --save-png DIR writes the chosen prediction (--save-map; its CRF version with --crf) of every
@@ -118,6 +121,7 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
+    from more_fast.artifacts import ArtifactMeter, format_artifacts, measure_artifacts
     from more_fast.checkpoint import load_checkpoint
     from more_fast.data import save_label_png
     from more_fast.protocols import OriginalSize, collate_list, evaluate_published
@@ -166,11 +170,14 @@ def _main(args) -> int:
 
     if args.protocol in ("train-val", "both"):
         t0 = time.perf_counter()
+        meter = ArtifactMeter(k, device)
         results = evaluate(model, eval_loader(dataset, cfg, device, report=warn), k, device, cfg.cam_scales, cfg.eval_bkg,
-                           amp_dtype=amp)
+                           amp_dtype=amp, artifacts=meter)
         print(format_rows(f"train-val protocol (scales {tuple(cfg.cam_scales)}, ground-truth image labels, "
                           f"background {cfg.eval_bkg}, at {crop} x {crop}; {time.perf_counter() - t0:.0f} s)", results))
         report["train-val"] = results
+        report["artifact"] = meter.result()
+        print(format_artifacts(report["artifact"]))
 
     if args.protocol in ("published", "both"):
         save = None
@@ -210,6 +217,9 @@ def _main(args) -> int:
         if args.save_png:
             print(f"wrote {results['images']} PNGs ({args.save_map}{' + CRF' if args.crf and args.save_map in ('lam', 'decoder') else ''}) to {args.save_png}")
         report["published"] = results
+        if "artifact" not in report and results["has_ground_truth"]:
+            report["artifact"] = measure_artifacts(model, eval_loader(dataset, cfg, device), k, device, amp)
+            print(format_artifacts(report["artifact"]) + f" (at {crop} x {crop}, single scale)")
 
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(report, indent=2))

@@ -6,9 +6,9 @@
 Each image is resized to crop x crop; its panel <out>/<name>.png shows, left to right:
 image | CAM | LAM | class-patch attention | prediction. The image labels come from the
 classifier (sigmoid(logit) > 0.5; with none above, the single most likely class). CAM and LAM
-are multi-scale + flip maps (--scales), the class-patch attention is the last block's attention
-of the class tokens over the patches (mean of the heads' softmax, SPEC 5), each the maximum over
-the labelled classes, overlaid on the image. The prediction is the decoder's (or, with
+are multi-scale + flip maps (--scales), each the maximum over the labelled classes; the
+class-patch attention is the last block's attention of the top labelled class's token over the
+patches (mean of the heads' softmax, from the fused extraction); all overlaid on the image. The prediction is the decoder's (or, with
 --prediction lam, the LAM's with background 0.5), in VOC colours. <out>/predictions.json lists
 the labelled classes and their probabilities per image.
 """
@@ -131,8 +131,9 @@ def _main(args) -> int:
         def strongest(m):
             return (m[0].float() * present).amax(0).cpu().numpy()
 
+        top = int(prob.masked_fill(labels == 0, -1.0).argmax())  # artifacts show per class: not mixed with others
         tiles = [image, heat_overlay(image, strongest(maps["cam"])), heat_overlay(image, strongest(maps["lam"])),
-                 heat_overlay(image, strongest(cpa)), palette[pred.cpu().numpy().astype(np.int64)]]
+                 heat_overlay(image, cpa[0, top].float().cpu().numpy()), palette[pred.cpu().numpy().astype(np.int64)]]
         Image.fromarray(np.concatenate(tiles, axis=1).astype(np.uint8)).save(out / f"{path.stem}.png")
         report[path.stem] = {names[c]: round(float(prob[c]), 4) for c in torch.nonzero(labels).flatten().tolist()}
         print(f"{path.name}: {', '.join(report[path.stem]) or '-'}")
@@ -140,7 +141,8 @@ def _main(args) -> int:
     if not report:
         print(f"error: --images: none of the {len(paths)} images in {folder} could be decoded", file=sys.stderr)
         return 2
-    print(f"wrote {len(report)} panels (image | CAM | LAM | class-patch attention | {args.prediction}) to {out}")
+    print(f"wrote {len(report)} panels (image | CAM | LAM | class-patch attention of the top class | "
+          f"{args.prediction}) to {out}")
     return 0
 
 

@@ -46,3 +46,13 @@ class GCR(nn.Module):
         sum_branch = F.leaky_relu(self.linear1(0.1 * (h + m) + t))
         prod_branch = F.leaky_relu(self.linear2(0.1 * (h * m) + t))
         return self.norm(sum_branch + prod_branch)
+
+
+class NoGCR(nn.Module):
+    """The ablation baseline without GCR: the class tokens T pass through unchanged (Q = T).
+
+    No parameters, so that nothing sits in the optimizer or in DDP without a gradient.
+    """
+
+    def forward(self, cls_tokens: torch.Tensor, patch_tokens: torch.Tensor) -> torch.Tensor:
+        return cls_tokens

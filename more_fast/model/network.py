@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .backbone import BackboneOutput, MoReBackbone
-from .gcr import GCR
+from .gcr import GCR, NoGCR
 from .heads import LargeFOV, classifier_cam, classifier_logits, make_classifier, tokens_to_map
 
 
@@ -37,12 +37,12 @@ class MoReNet(nn.Module):
     def __init__(self, backbone: str = "vit_base_patch16_224", num_classes: int = 20, num_registers: int = 4,
                  topk_ratio: float = 0.5, gcr_score: str = "published", attn_impl: str = "sdpa",
                  decoder_bias: bool = False, img_size: Optional[int] = None, depth: Optional[int] = None,
-                 decoder_dim: int = 512, patch_size: Optional[int] = None):
+                 decoder_dim: int = 512, patch_size: Optional[int] = None, gcr: bool = True):
         super().__init__()
         self.config = dict(backbone=backbone, num_classes=num_classes, num_registers=num_registers,
                            topk_ratio=topk_ratio, gcr_score=gcr_score, attn_impl=attn_impl,
                            decoder_bias=decoder_bias, img_size=img_size, depth=depth, decoder_dim=decoder_dim,
-                           patch_size=patch_size)
+                           patch_size=patch_size, gcr=gcr)
         self.num_classes = num_classes
         self.encoder = MoReBackbone(backbone, num_classes, num_registers, attn_impl=attn_impl, img_size=img_size,
                                     depth=depth, patch_size=patch_size)
@@ -50,6 +50,9 @@ class MoReNet(nn.Module):
         self.classifier = make_classifier(d, num_classes)
         self.aux_classifier = make_classifier(d, num_classes)
         self.graph_layer = GCR(d, topk_ratio=topk_ratio, score=gcr_score)
+        if not gcr:  # the ablation baseline: class tokens go to the losses and the LAM as they are
+            # built and dropped, so the decoder below draws the same initial weights as with GCR
+            self.graph_layer = NoGCR()
         self.decoder = LargeFOV(d, num_classes, hidden=decoder_dim, bias=decoder_bias)
 
     def forward_features(self, x: torch.Tensor, attn_reduce: Optional[str] = None) -> BackboneOutput:

@@ -23,6 +23,7 @@ class TrainConfig:
     num_registers: int = 4  # R
     topk_ratio: float = 0.5  # GCR k = int(0.5 K)
     gcr_score: str = "published"  # published | dot
+    gcr: bool = True  # False: class tokens reach the losses and the LAM without GCR (the paper's baseline)
     depth: Optional[int] = 4  # blocks of the ViT; None: the named model's (12 for ViT-B/16)
     decoder_dim: int = 128  # LargeFOV width (published: 512)
     patch_size: Optional[int] = 8  # ViT patch size; None: the named model's (16)

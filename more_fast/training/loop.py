@@ -27,10 +27,11 @@ import kernels
 
 from .. import cam as C
 from .. import losses as L
+from ..artifacts import ArtifactMeter, format_artifacts
 from ..data import normalize
 from ..model.network import MoReNet, MoReOutput
 from . import state as S
-from .config import TrainConfig
+from .config import RECIPES, TrainConfig
 from .data import build_dataset, eval_loader, resolve_data_root, train_loader
 from .evaluate import evaluate, format_table
 from .optim import build_optimizer, build_scheduler
@@ -67,8 +68,17 @@ STOP_CHECK_EVERY = 10
 BEST_MAP = "lam"
 
 
+def differs_from_recipe(cfg: TrainConfig) -> dict:
+    """The fields whose value is not the one of the run's recipe (--data): what a run changed."""
+    recipe = TrainConfig(**RECIPES[cfg.data]).to_dict()
+    return {name: value for name, value in cfg.to_dict().items() if value != recipe[name]}
+
+
 def loss_weights(cfg: TrainConfig, it: int) -> dict[str, float]:
-    """The loss terms active at iteration `it` (0-based) and their weights (SPEC 2, Total)."""
+    """The loss terms active at iteration `it` (0-based) and their weights (SPEC 2, Total).
+
+    A term whose weight is 0 is left out, so it is not computed at all: w_cre = w_ure = 0 is the
+    ablation without LIR."""
     w = {"cls": 1.0, "aux": 1.0, "mct": 1.0}
     if it >= cfg.scaled("ptc_start"):
         w["ptc"] = cfg.w_ptc
@@ -78,7 +88,7 @@ def loss_weights(cfg: TrainConfig, it: int) -> dict[str, float]:
     if it > cfg.scaled("seg_start"):
         w["seg"] = cfg.w_seg
         w["reg"] = cfg.w_reg
-    return w
+    return {name: value for name, value in w.items() if value != 0}
 
 
 def compute_losses(out: MoReOutput, cls_labels: torch.Tensor, ptc_labels: torch.Tensor,
@@ -95,11 +105,14 @@ def compute_losses(out: MoReOutput, cls_labels: torch.Tensor, ptc_labels: torch.
         terms["ptc"] = L.ptc_loss(out.patch_tokens, ptc_labels)
     if "cre" in weights:
         terms["cre"] = L.cre_loss(out.class_tokens, out.patch_tokens, cre_labels, cls_labels, cre_temperature)
+    if "ure" in weights:
         terms["ure"] = L.ure_loss(out.patch_tokens, out.class_tokens, ure_index, ure_valid, cls_labels)
-    if "seg" in weights:
+    if "seg" in weights or "reg" in weights:
         seg = F.interpolate(out.seg.float(), size=image.shape[-2:], mode="bilinear", align_corners=False)
-        terms["seg"] = L.seg_loss(seg, seg_labels)
-        terms["reg"] = L.reg_loss(image, seg, seg_labels, scale=reg_scale)
+        if "seg" in weights:
+            terms["seg"] = L.seg_loss(seg, seg_labels)
+        if "reg" in weights:
+            terms["reg"] = L.reg_loss(image, seg, seg_labels, scale=reg_scale)
     total = sum(weights[name] * value.float() for name, value in terms.items())
     return total, terms
 
@@ -184,7 +197,8 @@ class TrainStep:
             ure = cre
         noise = torch.rand(ure.shape[0], ure.shape[1] * ure.shape[2], generator=self.ure_gen, device=self.device)
         ure_index, ure_valid = L.ure_sample(ure, noise)
-        seg = C.par_pseudo_labels(image, maps["cam"], cls_labels, hi=cfg.cam_high) if "seg" in weights else None
+        seg = (C.par_pseudo_labels(image, maps["cam"], cls_labels, hi=cfg.cam_high)
+               if "seg" in weights or "reg" in weights else None)
         return StepLabels(aux_labels.flatten(1), cre.flatten(1), ure_index, ure_valid, seg)
 
     def _all_finite(self, total: torch.Tensor) -> bool:
@@ -213,8 +227,9 @@ class TrainStep:
             total, terms = self.losses(out, cls_labels, labels.ptc, labels.cre, labels.ure_index,
                                        labels.ure_valid, labels.seg, image, weights, cfg.cre_temperature,
                                        cfg.reg_scale)
-            if "seg" not in weights:  # as the published 0 * L_seg: the decoder gets zero gradients, so
-                # AdamW decays it and counts its steps from iteration 1 (and DDP sees every output used)
+            if "seg" not in weights and "reg" not in weights:  # as the published 0 * L_seg: the decoder gets
+                # zero gradients, so AdamW decays it and counts its steps from iteration 1 (and DDP sees
+                # every output used)
                 total = total + 0.0 * out.seg.float().sum()
         if cfg.on_nonfinite == "skip" and not self._all_finite(total):  # a sync, only in skip mode
             self.skipped += 1
@@ -245,7 +260,7 @@ class Trainer:
         self.val_set = build_dataset(cfg, root, cfg.val_split, False)
         self.model = MoReNet(cfg.backbone, cfg.num_classes, cfg.num_registers, cfg.topk_ratio, cfg.gcr_score,
                              attn_impl=cfg.attn_impl, depth=cfg.depth, decoder_dim=cfg.decoder_dim,
-                             patch_size=cfg.patch_size)
+                             patch_size=cfg.patch_size, gcr=cfg.gcr)
         if cfg.pretrained:
             from ..checkpoint import pretrained_state_dict
 
@@ -265,6 +280,9 @@ class Trainer:
         self.log(f"device {self.device} | {self.trainer.amp_note} | compile {'on' if cfg.compile else 'off'} | "
                  f"kernels {cfg.kernels} | world size {world}")
         self._log_schedule()
+        changed = differs_from_recipe(cfg)
+        self.log(f"config: the {cfg.data} recipe" + (" with " + ", ".join(f"{k}={v}" for k, v in changed.items())
+                                                      if changed else ", unchanged"))
 
     # ---------------------------------------------------------------- utilities
     def log(self, msg: str) -> None:
@@ -347,6 +365,7 @@ class Trainer:
 
     def _evaluate(self, it: int) -> dict[str, float]:
         cfg = self.cfg
+        meter = ArtifactMeter(cfg.num_classes, self.device)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             def report(msg: str) -> None:  # every rank reports the unreadable images of its shard
                 print(f"warning: validation at iteration {it}: {msg}", file=sys.stderr, flush=True)
@@ -354,9 +373,11 @@ class Trainer:
                                cfg.num_classes, self.device, cfg.cam_scales, cfg.eval_bkg,
                                amp_dtype=self.trainer.amp_dtype,
                                panel_dir=self.out / "panels" / f"iter_{it:08d}" if self.is_main else None,
-                               num_panels=cfg.num_panels)
+                               num_panels=cfg.num_panels, artifacts=meter)
+        self.artifact = meter.result()
         self.log(format_table(results, it))
-        self._write_metrics({"iter": it, "eval": results})
+        self.log(format_artifacts(self.artifact))
+        self._write_metrics({"iter": it, "eval": results, "artifact": self.artifact})
         return results
 
     def _write_metrics(self, record: dict) -> None:
@@ -421,7 +442,8 @@ class Trainer:
         cfg = self.cfg
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            (self.out / "config.json").write_text(json.dumps(
+                {**cfg.to_dict(), "differs_from_recipe": differs_from_recipe(cfg)}, indent=2))
         if self.start_iter >= cfg.iters:
             self.log(f"nothing to do: the checkpoint is at iteration {self.start_iter} >= --iters {cfg.iters}")
         # under torchrun a rank cannot stop alone: an unreadable sample is replaced until the ranks agree
@@ -493,12 +515,17 @@ class Trainer:
         if evaluated_at < 0 and self.start_iter >= cfg.iters:
             results = self.evaluate(self.start_iter)
         if self.is_main:
-            summary = {"iter": cfg.iters, "miou": results}
+            artifact = getattr(self, "artifact", None)
+            summary = {"iter": cfg.iters, "miou": results, "artifact": artifact}
             if self.bad_count:
                 summary.update(skipped_samples=self.bad_samples, skipped_samples_total=self.bad_count)
                 self.log(f"skipped {self.bad_count} unreadable samples ({len(self.bad_samples)} files: "
                          f"{', '.join(self.bad_samples)}), each replaced by another of the split")
             (self.out / "results.json").write_text(json.dumps(summary, indent=2))
+            if artifact:
+                self.log("artifact ratio at the end: " + ", ".join(
+                    f"{label} {'n/a' if artifact[k] is None else format(artifact[k], '.3f')}"
+                    for k, label in (("attention", "class-patch attention"), ("lam", "LAM"))) + " (lower is better)")
             self.log(f"done in {format_eta(time.perf_counter() - t_start)}; outputs in {self.out} "
                      f"(metrics.jsonl, results.json, panels/, checkpoints/)")
         return results
