@@ -28,7 +28,6 @@ the fast case speedup_vs_reference, from the reference case of the same session.
 from __future__ import annotations
 
 import gc
-import os
 
 import pytest
 import torch
@@ -96,7 +95,6 @@ def _free() -> None:
 @pytest.mark.parametrize("pipeline", list(PIPELINES))
 def test_train_step(benchmark, pipeline):
     cfg = make_config(pipeline)
-    os.environ["MORE_FAST_KERNELS"] = cfg.kernels  # TrainStep reads the backend from the env (as Trainer sets it)
     torch.manual_seed(0)
     model = MoReNet(cfg.backbone, cfg.num_classes, cfg.num_registers, cfg.topk_ratio, cfg.gcr_score,
                     attn_impl=cfg.attn_impl, depth=cfg.depth, decoder_dim=cfg.decoder_dim,

@@ -1,6 +1,7 @@
 """The fused ops of more_fast, one public function each, dispatched by backend.
 
-Backend per call (DESIGN.md, the fused-op contract): env `MORE_FAST_KERNELS` =
+Backend per call: the innermost active `use_backend(mode)` context of this thread / task, else
+env `MORE_FAST_KERNELS` (read at each call), else `auto`. Modes:
 - `auto` (default): Triton on CUDA tensors, and on CPU tensors when `TRITON_INTERPRET=1`
   (the interpreter); the reference otherwise;
 - `triton`: always the Triton kernels (on the CPU this needs `TRITON_INTERPRET=1`, set before
@@ -11,6 +12,8 @@ raises under `triton`. Inputs are validated before dispatch, identically for bot
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import os
 from typing import Sequence
@@ -52,11 +55,38 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def backend_mode() -> str:
-    mode = os.environ.get("MORE_FAST_KERNELS", "auto").strip().lower() or "auto"
+# the innermost use_backend mode (None: none active). A ContextVar: each thread and asyncio task
+# sees its own, and torch.compile guards on its value (a graph traced under one mode is not
+# reused under another)
+_ACTIVE = contextvars.ContextVar("more_fast_kernels_backend", default=None)
+
+
+def _parse_mode(value, name: str) -> str:
+    mode = value.strip().lower() if isinstance(value, str) else value
     if mode not in BACKENDS:
-        raise ValueError(f"MORE_FAST_KERNELS: expected one of {BACKENDS}, got {mode!r}")
+        raise ValueError(f"{name}: expected one of {BACKENDS}, got {value!r}")
     return mode
+
+
+@contextlib.contextmanager
+def use_backend(mode: str):
+    """Run the fused ops with backend `mode` ("auto", "triton" or "reference") inside the block.
+
+    Contexts nest (the innermost wins) and the previous mode comes back when the block exits,
+    by an exception too. Outside every block the env MORE_FAST_KERNELS is the default."""
+    token = _ACTIVE.set(_parse_mode(mode, "use_backend"))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def backend_mode() -> str:
+    """The mode in force: the innermost use_backend, else MORE_FAST_KERNELS, else "auto"."""
+    mode = _ACTIVE.get()
+    if mode is not None:
+        return mode
+    return _parse_mode(os.environ.get("MORE_FAST_KERNELS", "auto").strip() or "auto", "MORE_FAST_KERNELS")
 
 
 def triton_available(op: str) -> bool:
@@ -64,7 +94,7 @@ def triton_available(op: str) -> bool:
 
 
 def resolve_backend(op: str, device: torch.device) -> str:
-    """'triton' or 'reference' for `op` on `device`, per MORE_FAST_KERNELS."""
+    """'triton' or 'reference' for `op` on `device`, per `backend_mode()`."""
     mode = backend_mode()
     if mode == "reference":
         return "reference"
@@ -72,10 +102,10 @@ def resolve_backend(op: str, device: torch.device) -> str:
     if mode == "auto":
         return "triton" if runnable and op in _TRITON_OPS else "reference"
     if op not in _TRITON_OPS:
-        raise NotImplementedError(f"{op}: no Triton implementation is available (MORE_FAST_KERNELS=triton)")
+        raise NotImplementedError(f"{op}: no Triton implementation is available (backend 'triton')")
     if not runnable:
         raise RuntimeError(
-            f"{op}: MORE_FAST_KERNELS=triton on a {device.type} tensor needs TRITON_INTERPRET=1 "
+            f"{op}: backend 'triton' on a {device.type} tensor needs TRITON_INTERPRET=1 "
             "set before triton is imported (or a CUDA tensor)"
         )
     return "triton"
@@ -151,6 +181,7 @@ __all__ = [
     "reference",
     "resolve_backend",
     "backend_mode",
+    "use_backend",
     "interpreter_enabled",
     "triton_available",
     "BACKENDS",

@@ -12,11 +12,66 @@ def device_ctx(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def f32_precision(device: torch.device) -> str:
-    """fp32-accurate tl.dot: 3xTF32 on NVIDIA tensor cores (sm80+), IEEE FMA elsewhere."""
+def interpreted(device: torch.device) -> bool:
+    """Whether a launch on `device` runs under the Triton interpreter (any non-CUDA tensor)."""
+    return device.type != "cuda"
+
+
+# ---------------------------------------------------------------------------------------------
+# The precision policy of every tl.dot in the Triton ops (one place; the op modules only pick
+# their fp32 mode, below, and call `dot_config`).
+#
+# - fp16 / bf16 operands (all of one half dtype): on CUDA straight to tl.dot, natively on the
+#   tensor cores (mma.sync / wgmma) with fp32 accumulation. A half x half product is exact in
+#   fp32, so this is as accurate as any upcast, at the full half-precision rate and half the
+#   shared memory of an fp32 tile.
+# - Under the interpreter (CPU tensors), bf16 tiles are upcast to fp32 first: the interpreter's
+#   bf16 tl.dot returns garbage. fp16 and fp32 dots work there and run as they are.
+# - fp32 operands: one choice per op (its `F32_DOT`), applied on NVIDIA sm80+:
+#     "tf32x3"  3xTF32 on the tensor cores, about fp32-accurate (~1e-7 relative per product
+#               sum): the ops whose cost is a large Gram-type product (affinity N x N x D,
+#               LIR K x N x D, its backward, the energy's filtering);
+#     "ieee"    exact fp32 FMA products: ops where a tiny logit change flips a discrete choice
+#               (GCR's top-k neighbour selection, its one-hot scatter) or is amplified by a
+#               softmax exponent over few short dots (class-patch attention, d = 64).
+#   Elsewhere (pre-sm80, ROCm, the interpreter) every fp32 dot is "ieee".
+# - Mixed operand dtypes, and fp64 in the ops that compute in fp32, are upcast to fp32 and
+#   follow the op's fp32 choice; fp64 compute (GCR's fp64 path) is always "ieee" in fp64.
+# ---------------------------------------------------------------------------------------------
+F32_MODES = ("tf32x3", "ieee")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def f32_precision(device: torch.device, mode: str = "tf32x3") -> str:
+    """tl.dot input_precision for fp32 operands of an op whose fp32 choice is `mode`: the mode on
+    NVIDIA sm80+ (where tf32x3 has tensor cores), "ieee" elsewhere and under the interpreter."""
+    if mode not in F32_MODES:
+        raise ValueError(f"mode: expected one of {F32_MODES}, got {mode!r}")
     if device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 8:
-        return "tf32x3"
+        return mode
     return "ieee"
+
+
+def dot_config(dtypes, device: torch.device, f32_mode: str, compute: torch.dtype = torch.float32,
+               cuda: bool | None = None) -> tuple[bool, str]:
+    """(upcast the loaded tiles to the compute dtype before tl.dot, tl.dot input_precision).
+
+    dtypes: the operand dtype, or a sequence of the operands' dtypes. compute: the dtype the op
+    accumulates in (fp32; fp64 for GCR's fp64 path). cuda: compile for a GPU (default: the
+    device is CUDA); the ahead-of-time report passes True without a device, where the fp32
+    mode is taken as it is (the targets are sm80+)."""
+    dts = tuple(dtypes) if isinstance(dtypes, (tuple, list)) else (dtypes,)
+    on_gpu = (device.type == "cuda") if cuda is None else cuda
+    if dts[0] in _HALF and all(dt == dts[0] for dt in dts):
+        if on_gpu:
+            return False, "tf32"  # input_precision does not act on half operands; tf32 is the default
+        return dts[0] == torch.bfloat16, "ieee"
+    if compute == torch.float64:
+        return any(dt != torch.float64 for dt in dts), "ieee"
+    upcast = any(dt != torch.float32 for dt in dts)
+    if cuda is None:
+        return upcast, f32_precision(device, f32_mode)
+    return upcast, f32_mode if cuda else "ieee"
 
 
 def pow2_clamp(x: int, lo: int, hi: int) -> int:

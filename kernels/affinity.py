@@ -36,9 +36,10 @@ Saved for backward: the tokens and labels (inputs), rn (B x N fp32) and the two 
 Block sizes: 64 x 64 tiles on CUDA (backward with 8 warps, which ptxas compiles without register
 spills for sm_80 and sm_90); on the interpreter few large blocks (each program costs Python time).
 
-Precision: tl.dot in fp32-accurate modes (fp16 operands natively, exact products with fp32
-accumulation; bf16 and fp32 upcast to fp32 with 3xTF32 on sm80+, IEEE FMA elsewhere and on the
-interpreter, where bf16 tl.dot is broken). fp64 tokens are computed in fp32. The loss is fp32.
+Precision (kernels/_launch.py, the precision policy): fp16 / bf16 tokens go to tl.dot natively
+on CUDA (exact products, fp32 accumulation); fp32 tokens use 3xTF32 (F32_DOT); the backward's
+M x_j product has fp32 operands (M is fp32) and uses the same. fp64 tokens are computed in fp32.
+The loss is fp32.
 """
 from __future__ import annotations
 
@@ -46,9 +47,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from ._launch import device_ctx as _device_ctx, f32_precision as _f32_precision, pow2_clamp as _pow2_clamp
+from ._launch import device_ctx as _device_ctx, dot_config as _dot_config, pow2_clamp as _pow2_clamp
 
 NORM_EPS = 1e-8  # F.normalize eps of SPEC 2 (ToCo)
+# fp32 tokens (kernels/_launch.py, the precision policy): the N x N x D Gram products are the
+# op's whole cost, and 3xTF32 keeps them about fp32-accurate on the tensor cores
+F32_DOT = "tf32x3"
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,16 +287,6 @@ def _affinity_norm_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-def _dot_config(dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
-    """(upcast the tokens to fp32 before tl.dot, input_precision) for the <x_i, x_j> tiles."""
-    if dtype == torch.float16:
-        return False, "tf32"  # fp16 x fp16 products are exact in the fp32 accumulator
-    if dtype == torch.bfloat16:
-        # bf16 values are exact in tf32; the interpreter's bf16 tl.dot is broken, so always upcast
-        return True, "tf32" if device.type == "cuda" else "ieee"
-    return True, _f32_precision(device)  # fp32 (and fp64, computed in fp32)
-
-
 def _fwd_config(device: torch.device, n: int, d: int) -> dict:
     """Block sizes of the forward (tests override this to exercise multi-tile paths)."""
     if device.type == "cuda":
@@ -326,7 +320,7 @@ def _affinity_forward(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: 
     dev = tokens.device
     cfg = _fwd_config(dev, n, d)
     rcfg = _rows_config(dev)
-    upcast, prec = _dot_config(tokens.dtype, dev)
+    upcast, prec = _dot_config(tokens.dtype, dev, F32_DOT)
     block = cfg["block"]
     t = triton.cdiv(n, block)
     rn = torch.empty((b, n), dtype=torch.float32, device=dev)
@@ -358,7 +352,7 @@ def _affinity_backward(grad: torch.Tensor, tokens: torch.Tensor, labels: torch.T
     dev = tokens.device
     cfg = _bwd_config(dev, b, n, d)
     rcfg = _rows_config(dev)
-    upcast, prec = _dot_config(tokens.dtype, dev)
+    upcast, prec = _dot_config(tokens.dtype, dev, F32_DOT)
     t_i = triton.cdiv(n, cfg["block_m"])
     t_j = triton.cdiv(n, cfg["block_n"])
     per_split = max(1, triton.cdiv(t_j, max(1, min(cfg["split"], t_j))))
@@ -375,7 +369,7 @@ def _affinity_backward(grad: torch.Tensor, tokens: torch.Tensor, labels: torch.T
             tokens, labels, rn, coef, grad, scratch,
             b, n, d, ignore_index, sxb, sxn, sxd, slb, sln, t_j, per_split,
             BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], BLOCK_DO=cfg["block_do"],
-            UPCAST=upcast, DOT_PREC=prec, DOT_PREC_F32=_f32_precision(dev),
+            UPCAST=upcast, DOT_PREC=prec, DOT_PREC_F32=_dot_config(torch.float32, dev, F32_DOT)[1],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         _affinity_norm_bwd_kernel[(triton.cdiv(b * n, rcfg["block_r"]),)](

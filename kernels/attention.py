@@ -27,11 +27,10 @@ Design (two sweeps, no B x H x K x T tensor anywhere):
 - Blocks: BLOCK_D = the head dim rounded up to a power of two (>= 16, masked, so d = 40, 48 or
   any d works); BLOCK_M = K rounded up to a power of two in [16, 64] (several query blocks when
   K > 64); BLOCK_N = 64 keys (32 when BLOCK_D > 128).
-- Precision: q and k are loaded in their dtype. fp16 tiles go to tl.dot as they are (fp32
-  accumulation, exact products; the input_precision argument does not act on fp16). bf16 tiles are upcast to fp32 first and multiplied with
-  input_precision="tf32": a bf16 value is exact in tf32, so the products are exact on tensor
-  cores (and the interpreter, whose bf16 dot is broken, sees fp32). fp32 tiles use "ieee"
-  (no TF32 rounding). Statistics, probabilities and sums are fp32; the output is fp32.
+- Precision (kernels/_launch.py, the precision policy): q and k are loaded in their dtype.
+  fp16 / bf16 tiles go to tl.dot as they are on CUDA (exact products, fp32 accumulation); fp32
+  tiles use "ieee" (F32_DOT: no TF32 rounding). Statistics, probabilities and sums are fp32;
+  the output is fp32.
 - Strides: q and k may have any strides (e.g. timm's qkv.permute(2, 0, 3, 1, 4) slices);
   nothing is copied. Offsets are int64.
 
@@ -52,7 +51,12 @@ import triton
 import triton.language as tl
 
 from . import reference
+from ._launch import device_ctx as _device_ctx, dot_config as _dot_config
 
+# fp32 inputs (kernels/_launch.py, the precision policy): exact fp32 products. Each logit is one
+# d = 64 dot whose error the softmax exponent turns into relative error of the probabilities,
+# and the op does 2 d flops per key it loads: its cost is reading the keys, not the dot
+F32_DOT = "ieee"
 _LOG2E = 1.4426950408889634
 _REDUCES = ("mean_softmax", "sum_logits")
 
@@ -184,17 +188,6 @@ def _cpa_reduce_kernel(
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-def _dot_config(dtype: torch.dtype) -> tuple[bool, str]:
-    """(upcast to fp32 before tl.dot, tl.dot input_precision) for an input dtype."""
-    if dtype == torch.float16:
-        # fp16 x fp16 -> fp32 accumulation, exact products; input_precision only acts on fp32
-        # operands, "tf32" is Triton's default and leaves fp16 dots on the tensor cores
-        return False, "tf32"
-    if dtype == torch.bfloat16:
-        return True, "tf32"  # bf16 values are exact in tf32
-    return False, "ieee"  # fp32: no TF32 rounding
-
-
 def _blocks(num_cls: int, head_dim: int, block_m: int | None, block_n: int | None) -> tuple[int, int, int]:
     block_d = max(16, triton.next_power_of_2(max(head_dim, 1)))
     if block_m is None:
@@ -218,32 +211,33 @@ def _launch(
     if out.numel() == 0:
         return out
     bm, bn, bd = _blocks(num_cls, d, block_m, block_n)
-    upcast, precision = _dot_config(q.dtype)
+    upcast, precision = _dot_config(q.dtype, q.device, F32_DOT)
     qk_scale = _LOG2E / math.sqrt(d) if d > 0 else 0.0
     num_warps = 4
     mean = reduce == "mean_softmax"
-    if mean:
-        stats = torch.empty((2, bsz, heads, num_cls), dtype=torch.float32, device=q.device)
-        m_buf, inv_l_buf = stats[0], stats[1]
-        _cpa_row_stats_kernel[(bsz * heads, triton.cdiv(num_cls, bm))](
-            q, k, m_buf, inv_l_buf,
-            heads, t, d, num_prefix, num_cls,
+    with _device_ctx(q):  # Triton launches on the current device
+        if mean:
+            stats = torch.empty((2, bsz, heads, num_cls), dtype=torch.float32, device=q.device)
+            m_buf, inv_l_buf = stats[0], stats[1]
+            _cpa_row_stats_kernel[(bsz * heads, triton.cdiv(num_cls, bm))](
+                q, k, m_buf, inv_l_buf,
+                heads, t, d, num_prefix, num_cls,
+                *q.stride(), *k.stride(),
+                qk_scale,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, UPCAST=upcast, PRECISION=precision,
+                num_warps=num_warps,
+            )
+        else:
+            m_buf = inv_l_buf = out  # unused (MEAN_SOFTMAX is False)
+        _cpa_reduce_kernel[(triton.cdiv(n, bn), triton.cdiv(num_cls, bm), bsz)](
+            q, k, m_buf, inv_l_buf, out,
+            heads, d, num_prefix, num_cls, n,
             *q.stride(), *k.stride(),
-            qk_scale,
+            qk_scale, (1.0 / heads) if mean else 1.0,
+            MEAN_SOFTMAX=mean,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, UPCAST=upcast, PRECISION=precision,
             num_warps=num_warps,
         )
-    else:
-        m_buf = inv_l_buf = out  # unused (MEAN_SOFTMAX is False)
-    _cpa_reduce_kernel[(triton.cdiv(n, bn), triton.cdiv(num_cls, bm), bsz)](
-        q, k, m_buf, inv_l_buf, out,
-        heads, d, num_prefix, num_cls, n,
-        *q.stride(), *k.stride(),
-        qk_scale, (1.0 / heads) if mean else 1.0,
-        MEAN_SOFTMAX=mean,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, UPCAST=upcast, PRECISION=precision,
-        num_warps=num_warps,
-    )
     return out
 
 

@@ -74,10 +74,10 @@ negative NaN; -0.0 sorts below +0.0.
 
 Precision: inputs are loaded in their dtype and upcast to the compute dtype (fp32, fp64 for
 fp64 inputs) after the load; all sums accumulate in it; M, dh, de are stored in h's / e's
-dtype. tl.dot: fp16 tiles go in as they are (exact products, fp32 accumulation); bf16 tiles
-are upcast to fp32 and multiplied with input_precision="tf32" (a bf16 value is exact in tf32,
-and the interpreter's bf16 dot is broken); fp32 tiles use "ieee" (no TF32 rounding, which
-would change the selected neighbours against the reference); fp64 tiles use "ieee" in fp64.
+dtype. tl.dot (kernels/_launch.py, the precision policy): fp16 / bf16 tiles go in as they are
+on CUDA (exact products, fp32 accumulation); fp32 tiles use "ieee" (F32_DOT: no TF32 rounding,
+which would change the selected neighbours against the reference); fp64 tiles "ieee" in fp64;
+the node kernel's one-hot scatter is an "ieee" dot in the compute dtype (exact).
 tanh is written with tl.exp (no libdevice). The two softmax backwards use the pairwise form
 ds_j = a_j sum_l a_l (da_j - da_l) (same for dw with p, dp) instead of a_j (da_j - <a, da>):
 with a peaked a, <a, da> nearly equals da_j and the subtraction cancels (measured: 5-7x less dh
@@ -96,13 +96,17 @@ and the pairwise [KPAD, KPAD] softmax backward spills. The interpreter uses larg
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
+from ._launch import device_ctx as _device_ctx, dot_config as _dot_config, interpreted as _launch_interpreted
+
 _SCORES = ("published", "dot")
+# fp32 inputs (kernels/_launch.py, the precision policy): exact fp32 products for the logits,
+# whose top-k picks the neighbours (a rounding-level change flips a near tie against the
+# reference's choice); the logits product is small (K x L x D per image)
+F32_DOT = "ieee"
 _NEG_KEY = tl.constexpr(-9223372036854775807)  # below every packed key of a real logit
 _MAX_KEY = tl.constexpr(9223372036854775807)
 
@@ -469,17 +473,8 @@ def _tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _dot_config(dtype: torch.dtype) -> tuple[bool, str]:
-    """(upcast to the compute dtype before tl.dot, tl.dot input_precision) for an input dtype."""
-    if dtype == torch.float16:
-        return False, "ieee"  # fp16 x fp16 -> fp32 accumulate, exact products
-    if dtype == torch.bfloat16:
-        return True, "tf32"  # bf16 values are exact in tf32; the interpreter's bf16 dot is broken
-    return False, "ieee"  # fp32 (no TF32 rounding) and fp64
-
-
 def _interpreted(t: torch.Tensor) -> bool:
-    return t.device.type != "cuda"
+    return _launch_interpreted(t.device)
 
 
 _ROW_WARPS = 8  # per-row kernels: a 2048-element tile is 8 elements per thread
@@ -494,12 +489,6 @@ def _row_blocks(k: int, d: int, interp: bool) -> tuple[int, int]:
     tile = 16384 if interp else 2048
     block_d = max(16, min(triton.next_power_of_2(max(d, 1)), tile // kpad))
     return kpad, block_d
-
-
-def _device_guard(t: torch.Tensor):
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
 
 
 def _forward(h: torch.Tensor, e: torch.Tensor, k: int, score: str, block_l: int | None = None):
@@ -523,14 +512,14 @@ def _forward(h: torch.Tensor, e: torch.Tensor, k: int, score: str, block_l: int 
         return m, idx, p, att
     interp = _interpreted(h)
     logits = torch.empty((bsz, ncls, nodes), dtype=cdt, device=h.device)
-    upcast, precision = _dot_config(h.dtype)
+    upcast, precision = _dot_config(h.dtype, h.device, F32_DOT, compute=cdt)
     block_m = 16
     block_n = 64 if not interp else 128
     block_k = 32 if not interp else 64
     kpad, block_d = _row_blocks(k, d, interp)
     if block_l is None:
         block_l = max(16, min(triton.next_power_of_2(nodes), 4096 if interp else 1024))
-    with _device_guard(h):
+    with _device_ctx(h):
         _gcr_logits_kernel[(bsz, triton.cdiv(ncls, block_m), triton.cdiv(nodes, block_n))](
             h, e, logits,
             ncls, nodes, d,
@@ -583,7 +572,7 @@ def _backward(grad_m, h, e, idx, p, att, k: int, score: str):
     # 4 warps with num_stages=1; the default software pipelining of the dot loop spilled)
     rows, seg = (64, 64) if interp else (32, 32)
     block_d_nodes = max(16, min(triton.next_power_of_2(d), 256 if interp else 32))
-    with _device_guard(h):
+    with _device_ctx(h):
         _gcr_backward_rows_kernel[(bsz * ncls,)](
             grad_m, h, e, idx, p, att,
             dh, ds, dw, snb, sg,

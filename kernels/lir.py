@@ -27,9 +27,9 @@ Backward (1 launch):
 Deterministic: no atomics, every reduction in a fixed order.
 Saved for backward: the inputs, z (B x K x N fp32) and aux (B x K x 3 fp32).
 
-Precision: fp16 x fp16 tl.dot natively (exact products, fp32 accumulation); bf16, fp32 and
-mixed dtypes upcast to fp32 (3xTF32 on sm80+, IEEE FMA elsewhere and on the interpreter,
-where bf16 tl.dot is broken). fp64 is computed in fp32. The loss is fp32.
+Precision (kernels/_launch.py, the precision policy): fp16 / bf16 logits dots natively on CUDA
+(exact products, fp32 accumulation); fp32 and mixed dtypes upcast to fp32 with 3xTF32 (F32_DOT),
+as is the backward's e p product (e is fp32). fp64 is computed in fp32. The loss is fp32.
 """
 from __future__ import annotations
 
@@ -37,9 +37,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from ._launch import device_ctx as _device_ctx, f32_precision as _f32_precision, pow2_clamp as _pow2_clamp
+from ._launch import device_ctx as _device_ctx, dot_config as _dot_config, pow2_clamp as _pow2_clamp
 
 NORM_EPS = 1e-12  # F.normalize default
+# fp32 tokens (kernels/_launch.py, the precision policy): the K x N x D logits and the backward's
+# K x D x N product are the op's cost, and 3xTF32 keeps them about fp32-accurate on tensor cores
+F32_DOT = "tf32x3"
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,15 +224,6 @@ def _lir_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-def _dot_config(q_dtype: torch.dtype, p_dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
-    """(upcast both operands to fp32 before tl.dot, input_precision) for the logits."""
-    if q_dtype == p_dtype == torch.float16:
-        return False, "tf32"  # fp16 x fp16 products are exact in the fp32 accumulator
-    if q_dtype == p_dtype == torch.bfloat16 and device.type == "cuda":
-        return True, "tf32"  # bf16 values are exact in tf32 (the interpreter's bf16 tl.dot is broken)
-    return True, _f32_precision(device)
-
-
 def _config(device: torch.device, k: int, n: int, d: int) -> dict:
     """Block sizes (tests override this to exercise multi-tile paths)."""
     block_k = _pow2_clamp(k, 16, 64)
@@ -246,7 +240,7 @@ def _lir_forward(cls_tokens, patch_tokens, labels, cls_labels, temperature: floa
     n = patch_tokens.shape[1]
     dev = cls_tokens.device
     cfg = _config(dev, k, n, d)
-    upcast, prec = _dot_config(cls_tokens.dtype, patch_tokens.dtype, dev)
+    upcast, prec = _dot_config((cls_tokens.dtype, patch_tokens.dtype), dev, F32_DOT)
     t = triton.cdiv(n, cfg["block_n"])
     z = torch.empty((b, k, n), dtype=torch.float32, device=dev)
     st_m = torch.empty((b, k, t), dtype=torch.float32, device=dev)
@@ -285,7 +279,7 @@ def _lir_backward(grad, cls_tokens, patch_tokens, labels, z, aux, temperature: f
             cls_tokens, patch_tokens, labels, z, aux, grad, dq,
             k, n, d, 1.0 / temperature, NORM_EPS, *cls_tokens.stride(), *patch_tokens.stride(), *labels.stride(),
             BLOCK_K=cfg["block_k"], BLOCK_N=cfg["block_n"], BLOCK_DO=cfg["block_do"], BLOCK_DQ=cfg["block_d"],
-            DOT_PREC=_f32_precision(dev), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            DOT_PREC=_dot_config(torch.float32, dev, F32_DOT)[1], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return dq
 

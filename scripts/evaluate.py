@@ -19,8 +19,8 @@ image as a VOC palette PNG at the original size, DIR/<name>.png. For the VOC tes
 them under results/VOC2012/Segmentation/comp6_test_cls/ and archive that folder.
 """
 import argparse
+import contextlib
 import json
-import os
 import pathlib
 import sys
 import time
@@ -76,8 +76,13 @@ def format_rows(title: str, results: dict) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.kernels:
-        os.environ["MORE_FAST_KERNELS"] = args.kernels
+    import kernels  # here, not at the top: --help stays fast
+
+    with kernels.use_backend(args.kernels) if args.kernels else contextlib.nullcontext():
+        return _main(args)
+
+
+def _main(args) -> int:
     from more_fast.checkpoint import load_checkpoint
     from more_fast.data import save_label_png
     from more_fast.protocols import OriginalSize, collate_list, evaluate_published

@@ -13,8 +13,8 @@ the labelled classes, overlaid on the image. The prediction is the decoder's (or
 the labelled classes and their probabilities per image.
 """
 import argparse
+import contextlib
 import json
-import os
 import pathlib
 import sys
 
@@ -64,8 +64,13 @@ def heat_overlay(image: np.ndarray, m: np.ndarray) -> np.ndarray:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.kernels:
-        os.environ["MORE_FAST_KERNELS"] = args.kernels
+    import kernels  # here, not at the top: --help stays fast
+
+    with kernels.use_backend(args.kernels) if args.kernels else contextlib.nullcontext():
+        return _main(args)
+
+
+def _main(args) -> int:
     from more_fast import cam as C
     from more_fast.checkpoint import load_checkpoint
     from more_fast.data import normalize, voc_palette

@@ -231,6 +231,87 @@ def test_env_switch_with_a_bad_value_names_the_variable(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
+# kernels.use_backend: the backend switch as a context (the env stays the default)
+# --------------------------------------------------------------------------------------------
+class _Dispatched(Exception):
+    pass
+
+
+@pytest.fixture
+def triton_affinity_raises(monkeypatch):
+    """The Triton affinity op replaced by one that raises: a call shows which backend ran."""
+
+    def fake(*args):
+        raise _Dispatched
+
+    monkeypatch.setitem(kernels._TRITON_OPS, "affinity_loss", fake)
+
+
+def _ran_triton() -> bool:
+    try:
+        _aff()
+    except _Dispatched:
+        return True
+    return False
+
+
+def test_use_backend_nests_and_restores(monkeypatch, triton_affinity_raises):
+    monkeypatch.setenv("MORE_FAST_KERNELS", "triton")
+    env_before = dict(os.environ)
+    assert kernels.backend_mode() == "triton" and _ran_triton()
+    with kernels.use_backend("reference"):
+        assert kernels.backend_mode() == "reference" and not _ran_triton()
+        with kernels.use_backend("triton"):
+            assert kernels.backend_mode() == "triton" and _ran_triton()
+            with kernels.use_backend("AUTO"):
+                assert kernels.backend_mode() == "auto"
+        assert kernels.backend_mode() == "reference" and not _ran_triton()
+    assert kernels.backend_mode() == "triton" and _ran_triton()
+    assert dict(os.environ) == env_before  # nothing written into the environment
+
+
+def test_use_backend_restores_on_exception(monkeypatch):
+    monkeypatch.setenv("MORE_FAST_KERNELS", "reference")
+    with pytest.raises(KeyError, match="inside"):
+        with kernels.use_backend("triton"):
+            with kernels.use_backend("auto"):
+                raise KeyError("inside")
+    assert kernels.backend_mode() == "reference"
+    with kernels.use_backend("triton"):
+        with pytest.raises(ZeroDivisionError):
+            with kernels.use_backend("reference"):
+                1 / 0
+        assert kernels.backend_mode() == "triton"
+
+
+def test_use_backend_defaults_to_the_env(monkeypatch):
+    monkeypatch.delenv("MORE_FAST_KERNELS", raising=False)
+    assert kernels.backend_mode() == "auto"
+    monkeypatch.setenv("MORE_FAST_KERNELS", "reference")
+    assert kernels.backend_mode() == "reference"  # read at each call
+
+
+@pytest.mark.parametrize("bad", ["cuda", "", None, 1])
+def test_use_backend_with_a_bad_value_names_it(bad):
+    with pytest.raises(ValueError, match=r"^use_backend: expected one of .*got " + re.escape(repr(bad))):
+        with kernels.use_backend(bad):
+            pass
+
+
+def test_use_backend_is_per_thread(monkeypatch):
+    import threading
+
+    monkeypatch.setenv("MORE_FAST_KERNELS", "auto")
+    seen = {}
+    with kernels.use_backend("reference"):
+        worker = threading.Thread(target=lambda: seen.update(mode=kernels.backend_mode()))
+        worker.start()
+        worker.join()
+        assert kernels.backend_mode() == "reference"
+    assert seen["mode"] == "auto"
+
+
+# --------------------------------------------------------------------------------------------
 # scripts/train.py
 # --------------------------------------------------------------------------------------------
 def _load_train_script():

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import kernels
+
 from .. import cam as C
 from .. import losses as L
 from ..data import normalize
@@ -122,7 +124,6 @@ class TrainStep:
 
     def __init__(self, model: MoReNet, cfg: TrainConfig, device: torch.device, wrapped=None):
         self.model, self.cfg, self.device = model, cfg, device
-        os.environ["MORE_FAST_KERNELS"] = cfg.kernels  # the fused-op backend, read at every op call
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.amp_dtype, self.amp_note = resolve_amp(cfg, device)
@@ -167,6 +168,10 @@ class TrainStep:
         return bool(flag)
 
     def step(self, it: int, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with kernels.use_backend(self.cfg.kernels):  # the fused-op backend of this run
+            return self._step(it, batch)
+
+    def _step(self, it: int, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.cfg
         images_u8 = batch["image"].to(self.device, non_blocking=True)
         cls_labels = batch["cls_label"].to(self.device, non_blocking=True)
@@ -201,7 +206,6 @@ class Trainer:
         self.cfg, self.rank, self.world = cfg, rank, world
         self.is_main = rank == 0
         self._log = log
-        os.environ["MORE_FAST_KERNELS"] = cfg.kernels
         self.device = pick_device(cfg)
         self.out = pathlib.Path(cfg.out)
         torch.manual_seed(cfg.seed)
@@ -296,6 +300,10 @@ class Trainer:
         return {n: float(v) for n, v in values.items()}
 
     def evaluate(self, it: int) -> dict[str, float]:
+        with kernels.use_backend(self.cfg.kernels):
+            return self._evaluate(it)
+
+    def _evaluate(self, it: int) -> dict[str, float]:
         cfg = self.cfg
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             results = evaluate(self.model, eval_loader(self.val_set, cfg, self.device, self.rank, self.world),
@@ -314,6 +322,10 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def run(self) -> dict[str, float]:
+        with kernels.use_backend(self.cfg.kernels):
+            return self._run()
+
+    def _run(self) -> dict[str, float]:
         cfg = self.cfg
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
