@@ -208,23 +208,21 @@ def _affinity_bwd_kernel(
 
     ghat = tl.zeros([BLOCK_M, BLOCK_DO], dtype=tl.float32)
     xg = tl.zeros([BLOCK_M], dtype=tl.float32)  # <x_i, ghat_i>
-    # block pointers: per-element 64-bit pointer tiles of the three operands spilled registers
-    xi_blk = tl.make_block_ptr(xb, (N, D), (sxn, sxd), (ti * BLOCK_M, 0), (BLOCK_M, BLOCK_D), (1, 0))
     for j0 in range(0, N, BLOCK_N):
         offs_j = j0 + tl.arange(0, BLOCK_N)
         mj = offs_j < N
+        rows_j = offs_j.to(tl.int64) * sxn
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        a_blk = xi_blk
-        bt_blk = tl.make_block_ptr(xb, (D, N), (sxd, sxn), (0, j0), (BLOCK_D, BLOCK_N), (0, 1))
         for d0 in range(0, D, BLOCK_D):
-            a = tl.load(a_blk, boundary_check=(0, 1), padding_option="zero")
-            bt = tl.load(bt_blk, boundary_check=(0, 1), padding_option="zero")
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            md = offs_d < D
+            cols = offs_d.to(tl.int64) * sxd
+            a = tl.load(xb + rows_i[:, None] + cols[None, :], mask=mi[:, None] & md[None, :], other=0.0)
+            bt = tl.load(xb + cols[:, None] + rows_j[None, :], mask=md[:, None] & mj[None, :], other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
                 bt = bt.to(tl.float32)
             acc = tl.dot(a, bt, acc, input_precision=DOT_PREC)
-            a_blk = tl.advance(a_blk, (0, BLOCK_D))
-            bt_blk = tl.advance(bt_blk, (BLOCK_D, 0))
 
         lab_j = tl.load(lb + offs_j.to(tl.int64) * sln, mask=mj, other=0).to(tl.int64)
         rn_j = tl.load(rn_ptr + b * N + offs_j, mask=mj, other=0.0)
@@ -234,8 +232,7 @@ def _affinity_bwd_kernel(
         sgn = tl.where(acc > 0, 1.0, tl.where(acc < 0, -1.0, 0.0))
         m = tl.where(pair, w * sgn, 0.0) * rn_j[None, :]
         xg += tl.sum(m * acc, axis=1)
-        xj_blk = tl.make_block_ptr(xb, (N, D), (sxn, sxd), (j0, pid_d * BLOCK_DO), (BLOCK_N, BLOCK_DO), (1, 0))
-        xj = tl.load(xj_blk, boundary_check=(0, 1), padding_option="zero")
+        xj = tl.load(xb + rows_j[:, None] + cols_o[None, :], mask=mj[:, None] & mo[None, :], other=0.0)
         ghat = tl.dot(m, xj.to(tl.float32), ghat, input_precision=DOT_PREC_F32)
 
     ss = tl.zeros([BLOCK_M], dtype=tl.float32)
