@@ -12,6 +12,12 @@ def device_ctx(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def capability(device: torch.device) -> int:
+    """The compute capability of a CUDA device as one number: 80 for sm_80, 90 for sm_90."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def interpreted(device: torch.device) -> bool:
     """Whether a launch on `device` runs under the Triton interpreter (any non-CUDA tensor)."""
     return device.type != "cuda"
@@ -119,3 +125,54 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     shapes: str = ""  # short description for the report, e.g. "B4 C21 224x224"
+    # (argument index,) -> [["tt.divisibility", 16]] as the JIT specializes them (`aot_kernel`);
+    # None: none (the report then compiles without alignment hints)
+    attrs: dict | None = None
+
+
+_DIV16 = [["tt.divisibility", 16]]
+
+
+def aot_kernel(name: str, fn, args: dict, num_warps: int, num_stages: int, shapes: str = "") -> KernelConfig:
+    """A KernelConfig from the arguments a launch passes, specialized as Triton's JIT does at run
+    time (so that the ahead-of-time compile is the kernel the GPU runs). `args` maps every
+    argument of `fn` to:
+    - for a constexpr parameter: its value;
+    - for a pointer: its type string ("*bf16", "*fp32", "*i64", ...), taken as 16-byte aligned
+      (torch's allocations are);
+    - for an integer: its value in the case: 1 becomes a constexpr, i32 or i64 by range, and a
+      multiple of 16 carries divisibility 16 (both as the JIT specializes);
+    - for a float: any float (fp32).
+    """
+    const_names = {p.name for p in fn.params if p.is_constexpr}
+    missing = [n for n in fn.arg_names if n not in args]
+    extra = [n for n in args if n not in fn.arg_names]
+    if missing or extra:
+        raise ValueError(f"args: {name} misses {missing}, has unknown {extra}")
+    signature, constexprs, attrs = {}, {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        v = args[arg]
+        if arg in const_names:
+            signature[arg], constexprs[arg] = "constexpr", v
+        elif isinstance(v, str) and v.startswith("*"):
+            signature[arg], attrs[(i,)] = v, _DIV16
+        elif isinstance(v, bool):
+            signature[arg] = "u1"
+        elif isinstance(v, int):
+            if v == 1:
+                signature[arg], constexprs[arg] = "constexpr", 1
+                continue
+            signature[arg] = "i32" if -2**31 <= v < 2**31 else "i64"
+            if v % 16 == 0:
+                attrs[(i,)] = _DIV16
+        elif isinstance(v, float):
+            signature[arg] = "fp32"
+        else:
+            raise TypeError(f"args[{arg!r}]: expected a constexpr value, '*dtype', int or float, got {v!r}")
+    return KernelConfig(name, fn, signature, constexprs, num_warps, num_stages, shapes, attrs)
+
+
+TL_DTYPE = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "fp64": "fp64"}
+TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+AOT_DEVICE = torch.device("cuda")  # a device object only: nothing runs on it
+DEFAULT_STAGES = 3  # num_stages of a launch that passes none (Triton's CUDA backend default)

@@ -49,7 +49,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from ._launch import device_ctx as _device_ctx, dot_config as _dot_config, pow2_clamp as _pow2_clamp
+from ._launch import capability as _capability, device_ctx as _device_ctx, dot_config as _dot_config
+from ._launch import pow2_clamp as _pow2_clamp
 
 NORM_EPS = 1e-8  # F.normalize eps of SPEC 2 (ToCo)
 # fp32 tokens (kernels/_launch.py, the precision policy): the N x N x D Gram products are the
@@ -253,25 +254,39 @@ def _affinity_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-def _fwd_config(device: torch.device, n: int, d: int) -> dict:
-    """Block sizes of the forward (tests override this to exercise multi-tile paths)."""
+def _narrow_d(dtype: torch.dtype | None, cc: int) -> bool:
+    """16-wide D chunks instead of 32: fp32 tiles (3xTF32 splits each operand in two) on GPUs
+    before sm_90, where ptxas spilled the 32-wide forward and backward (sm_80: 255 registers
+    and 44-112 spill bytes; 16 wide: none, with triton 3.6 and 3.8)."""
+    return dtype not in (torch.float16, torch.bfloat16) and cc < 90
+
+
+def _fwd_config(device: torch.device, n: int, d: int, dtype: torch.dtype | None = None,
+                cc: int | None = None) -> dict:
+    """Block sizes of the forward (tests override this to exercise multi-tile paths). dtype: of
+    the tokens; cc: the GPU's compute capability (default: the device's)."""
     if device.type == "cuda":
-        return dict(block=64, block_d=32, num_warps=4, num_stages=3)
+        cc = _capability(device) if cc is None else cc
+        return dict(block=64, block_d=16 if _narrow_d(dtype, cc) else 32, num_warps=4, num_stages=3)
     # interpreter: each program costs ~10 ms of Python, so few large blocks
     return dict(block=_pow2_clamp(n, 16, 256), block_d=_pow2_clamp(d, 16, 256), num_warps=4, num_stages=1)
 
 
-def _bwd_config(device: torch.device, b: int, n: int, d: int) -> dict:
-    """Block sizes of the backward (tests override this). Independent of the GPU model (no
-    SM-count split), so a given input gives the same bits on any GPU. 64 x 32 tiles, 16-wide
-    S chunks, 128-wide dx chunks, 8 warps: the largest that ptxas compiles without spills for
-    sm_80 and sm_90 with triton 3.6 and 3.8 (contiguous tokens; 64 x 64 tiles or 256-wide
-    chunks spill). At D = 768 each S tile is recomputed for 6 dx chunks. A "split" key (the
-    previous column split) is ignored."""
+def _bwd_config(device: torch.device, b: int, n: int, d: int, dtype: torch.dtype | None = None,
+                cc: int | None = None, sms: int | None = None) -> dict:
+    """Block sizes of the backward (tests override this). The same for every GPU model (dtype,
+    cc and sms are accepted and unused: no SM-count split), so a given input gives the same bits
+    on any GPU. 64 x 32 tiles, 16-wide S chunks, 128-wide dx chunks, 8 warps: the largest that
+    ptxas compiles without spills for sm_80 and sm_90 with triton 3.6 and 3.8 (contiguous
+    tokens; 64 x 64 tiles or 256-wide chunks spill). At D = 768 each S tile is recomputed for 6
+    dx chunks. A "split" key (the previous column split) is ignored."""
     if device.type == "cuda":
         return dict(block_m=64, block_n=32, block_d=16, block_do=128, num_warps=8, num_stages=2)
     block, block_d = _pow2_clamp(n, 16, 256), _pow2_clamp(d, 16, 256)
     return dict(block_m=block, block_n=block, block_d=block_d, block_do=block_d, num_warps=4, num_stages=1)
+
+
+_FINALIZE = dict(block_p=1024, num_warps=4)
 
 
 def _rows_config(device: torch.device) -> dict:
@@ -290,7 +305,7 @@ def _affinity_forward(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: 
     """(loss fp32 scalar, coef fp32 [2] = pair weights, rn fp32 B x N) of validated inputs."""
     b, n, d = tokens.shape
     dev = tokens.device
-    cfg = _fwd_config(dev, n, d)
+    cfg = _fwd_config(dev, n, d, dtype=tokens.dtype)
     rcfg = _rows_config(dev)
     upcast, prec = _dot_config(tokens.dtype, dev, F32_DOT)
     block = cfg["block"]
@@ -315,7 +330,8 @@ def _affinity_forward(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: 
                 BLOCK=block, BLOCK_D=cfg["block_d"], UPCAST=upcast, DOT_PREC=prec,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )
-        _affinity_finalize_kernel[(1,)](psum, pcnt, b * n_tiles, loss, coef, BLOCK_P=1024, num_warps=4)
+        _affinity_finalize_kernel[(1,)](psum, pcnt, b * n_tiles, loss, coef, BLOCK_P=_FINALIZE["block_p"],
+                                        num_warps=_FINALIZE["num_warps"])
     return loss, coef, rn
 
 
@@ -324,7 +340,7 @@ def _affinity_backward(grad: torch.Tensor, tokens: torch.Tensor, labels: torch.T
     """dL/dtokens (contiguous, the dtype of tokens) for the upstream scalar gradient `grad`."""
     b, n, d = tokens.shape
     dev = tokens.device
-    cfg = _bwd_config(dev, b, n, d)
+    cfg = _bwd_config(dev, b, n, d, dtype=tokens.dtype)
     upcast, prec = _dot_config(tokens.dtype, dev, F32_DOT)
     dx = torch.empty((b, n, d), dtype=tokens.dtype, device=dev)
     if dx.numel() == 0:
@@ -401,3 +417,45 @@ torch.library.register_autograd("more_fast::affinity_loss", _backward, setup_con
 def affinity_loss(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     """L_ptc (SPEC 2) of B x N x D tokens and B x N integer labels: an fp32 scalar."""
     return _affinity_loss_op(tokens, labels, int(ignore_index))[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time configurations (scripts/aot_report.py)
+# --------------------------------------------------------------------------------------------
+def aot_configs(case) -> list:
+    """The kernels forward and backward launch for `case` (a kernels._launch.AotCase): contiguous
+    B x N x D tokens of case.dtype, int64 labels, on a GPU of compute capability case.cc."""
+    from ._launch import AOT_DEVICE as dev, DEFAULT_STAGES, TORCH_DTYPE, aot_kernel
+
+    b, n, d = case.B, case.N, case.D
+    xp = "*" + case.dtype
+    upcast, prec = _dot_config(TORCH_DTYPE[case.dtype], dev, F32_DOT, cuda=True)
+    prec_f32 = _dot_config(torch.float32, dev, F32_DOT, cuda=True)[1]
+    dtype = TORCH_DTYPE[case.dtype]
+    fcfg, rcfg = _fwd_config(dev, n, d, dtype=dtype, cc=case.cc), _rows_config(dev)
+    bcfg = _bwd_config(dev, b, n, d, dtype=dtype, cc=case.cc)
+    t = triton.cdiv(n, fcfg["block"])
+    n_tiles = t * (t + 1) // 2
+    x = dict(sxb=n * d, sxn=d, sxd=1)
+    lab = dict(slb=n, sln=1)
+    shapes = f"B{b} N{n} D{d}"
+    rows = dict(R=b * n, N=n, D=d, **x, eps=NORM_EPS, BLOCK_R=rcfg["block_r"], BLOCK_D=rcfg["block_d"])
+    return [
+        aot_kernel("affinity_rownorm", _affinity_rownorm_kernel, dict(x_ptr=xp, rn_ptr="*fp32", **rows),
+                   rcfg["num_warps"], DEFAULT_STAGES, shapes),
+        aot_kernel("affinity_fwd", _affinity_fwd_kernel, dict(
+            x_ptr=xp, lab_ptr="*i64", rn_ptr="*fp32", tiles_ptr="*i32", psum_ptr="*fp32", pcnt_ptr="*i32", N=n, D=d,
+            ignore_index=255,
+            **x, **lab, BLOCK=fcfg["block"], BLOCK_D=fcfg["block_d"], UPCAST=upcast, DOT_PREC=prec,
+        ), fcfg["num_warps"], fcfg["num_stages"], shapes),
+        aot_kernel("affinity_finalize", _affinity_finalize_kernel, dict(
+            psum_ptr="*fp32", pcnt_ptr="*i32", P=b * n_tiles, loss_ptr="*fp32", coef_ptr="*fp32",
+            BLOCK_P=_FINALIZE["block_p"],
+        ), _FINALIZE["num_warps"], DEFAULT_STAGES, shapes),
+        aot_kernel("affinity_bwd", _affinity_bwd_kernel, dict(
+            x_ptr=xp, lab_ptr="*i64", rn_ptr="*fp32", coef_ptr="*fp32", gout_ptr="*fp32", dx_ptr=xp,
+            N=n, D=d, ignore_index=255, **x, **lab, eps=NORM_EPS,
+            BLOCK_M=bcfg["block_m"], BLOCK_N=bcfg["block_n"], BLOCK_D=bcfg["block_d"], BLOCK_DO=bcfg["block_do"],
+            UPCAST=upcast, DOT_PREC=prec, DOT_PREC_F32=prec_f32,
+        ), bcfg["num_warps"], bcfg["num_stages"], shapes),
+    ]

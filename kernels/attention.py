@@ -188,6 +188,9 @@ def _cpa_reduce_kernel(
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
+_NUM_WARPS = 4
+
+
 def _blocks(num_cls: int, head_dim: int, block_m: int | None, block_n: int | None) -> tuple[int, int, int]:
     block_d = max(16, triton.next_power_of_2(max(head_dim, 1)))
     if block_m is None:
@@ -213,7 +216,7 @@ def _launch(
     bm, bn, bd = _blocks(num_cls, d, block_m, block_n)
     upcast, precision = _dot_config(q.dtype, q.device, F32_DOT)
     qk_scale = _LOG2E / math.sqrt(d) if d > 0 else 0.0
-    num_warps = 4
+    num_warps = _NUM_WARPS
     mean = reduce == "mean_softmax"
     with _device_ctx(q):  # Triton launches on the current device
         if mean:
@@ -288,3 +291,36 @@ def class_patch_attention(
     fp64 reference result.
     """
     return _class_patch_attention_op(q, k, int(num_prefix), int(num_cls), str(reduce))
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time configurations (scripts/aot_report.py)
+# --------------------------------------------------------------------------------------------
+def aot_configs(case, registers: int = 4, reduce: str = "mean_softmax") -> list:
+    """The kernels the op launches for `case` (a kernels._launch.AotCase): q and k of case.dtype
+    as timm's attention slices them from qkv (B x T x 3 x heads x d, permuted), `registers`
+    prefix tokens, case.K class queries, the backbone's mean_softmax reduce."""
+    from ._launch import AOT_DEVICE as dev, DEFAULT_STAGES, TORCH_DTYPE, aot_kernel
+
+    b, heads, t, ncls = case.B, case.heads, case.T, case.K
+    d = case.D // heads
+    n = t - registers - ncls
+    tp = "*" + case.dtype
+    bm, bn, bd = _blocks(ncls, d, None, None)
+    upcast, precision = _dot_config(TORCH_DTYPE[case.dtype], dev, F32_DOT, cuda=True)
+    qs = (t * 3 * heads * d, d, 3 * heads * d, 1)
+    strides = dict(zip(("sqb", "sqh", "sqt", "sqd", "skb", "skh", "skt", "skd"), qs + qs))
+    qk_scale = _LOG2E / math.sqrt(d)
+    blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, UPCAST=upcast, PRECISION=precision)
+    shapes = f"B{b} H{heads} T{t} d{d} K{ncls}"
+    mean = reduce == "mean_softmax"
+    out = [] if not mean else [aot_kernel("cpa_row_stats", _cpa_row_stats_kernel, dict(
+        q_ptr=tp, k_ptr=tp, m_ptr="*fp32", inv_l_ptr="*fp32", H=heads, T=t, D=d, num_prefix=registers,
+        num_cls=ncls, **strides, qk_scale=qk_scale, **blocks,
+    ), _NUM_WARPS, DEFAULT_STAGES, shapes)]
+    out.append(aot_kernel("cpa_reduce", _cpa_reduce_kernel, dict(
+        q_ptr=tp, k_ptr=tp, m_ptr="*fp32", inv_l_ptr="*fp32", out_ptr="*fp32", H=heads, D=d, num_prefix=registers,
+        num_cls=ncls, N=n, **strides, qk_scale=qk_scale, head_weight=1.0 / heads if mean else 1.0,
+        MEAN_SOFTMAX=mean, **blocks,
+    ), _NUM_WARPS, DEFAULT_STAGES, shapes))
+    return out

@@ -512,6 +512,19 @@ def _row_blocks(k: int, d: int, interp: bool) -> tuple[int, int]:
     return kpad, block_d
 
 
+def _logits_blocks(interp: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) of the logits kernel (4 warps)."""
+    return 16, (128 if interp else 64), (64 if interp else 32)
+
+
+def _topk_block(nodes: int, interp: bool) -> int:
+    """BLOCK_L of the top-k kernel (one warp): the whole row up to 1024 logits on a GPU."""
+    return max(16, min(triton.next_power_of_2(nodes), 4096 if interp else 1024))
+
+
+_LOGITS_WARPS, _TOPK_WARPS, _NODE_WARPS, _NODE_STAGES = 4, 1, 8, 1
+
+
 def _forward(h: torch.Tensor, e: torch.Tensor, k: int, score: str, block_l: int | None = None):
     """Launch the forward on validated inputs: (M in h's dtype, idx int32, p, a) with
     idx, p, a of shape B x K x k (p, a in the compute dtype). block_l (a power of two >= 16)
@@ -534,12 +547,10 @@ def _forward(h: torch.Tensor, e: torch.Tensor, k: int, score: str, block_l: int 
     interp = _interpreted(h)
     logits = torch.empty((bsz, ncls, nodes), dtype=cdt, device=h.device)
     upcast, precision = _dot_config(h.dtype, h.device, F32_DOT, compute=cdt)
-    block_m = 16
-    block_n = 64 if not interp else 128
-    block_k = 32 if not interp else 64
+    block_m, block_n, block_k = _logits_blocks(interp)
     kpad, block_d = _row_blocks(k, d, interp)
     if block_l is None:
-        block_l = max(16, min(triton.next_power_of_2(nodes), 4096 if interp else 1024))
+        block_l = _topk_block(nodes, interp)
     with _device_ctx(h):
         _gcr_logits_kernel[(bsz, triton.cdiv(ncls, block_m), triton.cdiv(nodes, block_n))](
             h, e, logits,
@@ -547,13 +558,13 @@ def _forward(h: torch.Tensor, e: torch.Tensor, k: int, score: str, block_l: int 
             *h.stride(), *e.stride(),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             UPCAST=upcast, PRECISION=precision, CDT=_tl_dtype(h.dtype),
-            num_warps=4,
+            num_warps=_LOGITS_WARPS,
         )
         _gcr_topk_kernel[(bsz * ncls,)](
             logits, idx, p,
             nodes, k,
             KPAD=kpad, BLOCK_L=block_l,
-            num_warps=1,
+            num_warps=_TOPK_WARPS,
         )
         _gcr_aggregate_kernel[(bsz * ncls,)](
             h, e, m, idx, p, att,
@@ -578,7 +589,7 @@ def _node_config(ncls: int, d: int, interp: bool) -> tuple[int, int, int, int, i
     sub = 64 if interp else 32
     seg = sub * max(2, triton.cdiv(ncls, sub))
     block_d = max(16, min(triton.next_power_of_2(d), 256 if interp else 32))
-    return sub, seg, block_d, 64, 8
+    return sub, seg, block_d, 64, _NODE_WARPS
 
 
 def _backward(grad_m, h, e, idx, p, att, k: int, score: str):
@@ -634,7 +645,7 @@ def _backward(grad_m, h, e, idx, p, att, k: int, score: str):
             *grad_m.stride(), *h.stride(), *e.stride(), *de.stride(),
             SUB=sub, ZROWS=zrows, BLOCK_D=block_d_nodes,
             PUBLISHED=published, CDT=_tl_dtype(h.dtype),
-            num_warps=warps, num_stages=1,
+            num_warps=warps, num_stages=_NODE_STAGES,
         )
     return dh, de
 
@@ -707,3 +718,54 @@ def gcr_aggregate(h: torch.Tensor, e: torch.Tensor, k: int, score: str = "publis
     if score not in _SCORES:
         raise ValueError(f"score: expected one of {_SCORES}, got {score!r}")
     return _gcr_aggregate_op(h, e, int(k), str(score))[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time configurations (scripts/aot_report.py)
+# --------------------------------------------------------------------------------------------
+def aot_configs(case, score: str = "published", topk_ratio: float = 0.5) -> list:
+    """The kernels forward and backward launch for `case` (a kernels._launch.AotCase): contiguous
+    B x K x D heads and B x (K + N) x D nodes of case.dtype (the model's two projections),
+    k = int(topk_ratio K) neighbours (the default recipe), the given score."""
+    from ._launch import AOT_DEVICE as dev, DEFAULT_STAGES, TORCH_DTYPE, aot_kernel
+
+    b, ncls, d = case.B, case.K, case.D
+    nodes = ncls + case.N
+    k = max(1, int(topk_ratio * ncls))
+    dt = TORCH_DTYPE[case.dtype]
+    cdt = _compute_dtype(dt)
+    tp, cp = "*" + case.dtype, "*" + ("fp64" if cdt == torch.float64 else "fp32")
+    upcast, precision = _dot_config(dt, dev, F32_DOT, compute=cdt, cuda=True)
+    block_m, block_n, block_k = _logits_blocks(False)
+    kpad, block_d = _row_blocks(k, d, False)
+    sub, seg, block_d_nodes, zrows, node_warps = _node_config(ncls, d, False)
+    published = score == "published"
+    hs = dict(s_hb=ncls * d, s_hk=d, s_hd=1)
+    es = dict(s_eb=nodes * d, s_el=d, s_ed=1)
+    shapes = f"B{b} K{ncls} L{nodes} D{d} k{k}"
+    cfg = dict(CDT=_tl_dtype(dt))
+    return [
+        aot_kernel("gcr_logits", _gcr_logits_kernel, dict(
+            h_ptr=tp, e_ptr=tp, a_ptr=cp, K=ncls, L=nodes, D=d, **hs, **es,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=upcast, PRECISION=precision, **cfg,
+        ), _LOGITS_WARPS, DEFAULT_STAGES, shapes),
+        aot_kernel("gcr_topk", _gcr_topk_kernel, dict(
+            a_ptr=cp, idx_ptr="*i32", p_ptr=cp, L=nodes, k=k, KPAD=kpad, BLOCK_L=_topk_block(nodes, False),
+        ), _TOPK_WARPS, DEFAULT_STAGES, shapes),
+        aot_kernel("gcr_aggregate", _gcr_aggregate_kernel, dict(
+            h_ptr=tp, e_ptr=tp, m_ptr=tp, idx_ptr="*i32", p_ptr=cp, att_ptr=cp, K=ncls, D=d, k=k, **hs, **es,
+            s_mb=ncls * d, s_mk=d, s_md=1, KPAD=kpad, BLOCK_D=block_d, PUBLISHED=published, **cfg,
+        ), _ROW_WARPS, DEFAULT_STAGES, shapes),
+        aot_kernel("gcr_bwd_rows", _gcr_backward_rows_kernel, dict(
+            dm_ptr=tp, h_ptr=tp, e_ptr=tp, idx_ptr="*i32", p_ptr=cp, att_ptr=cp, dh_ptr=tp, ds_ptr=cp, dw_ptr=cp,
+            snb_ptr=cp, sg_ptr=cp, K=ncls, D=d, k=k, s_gb=ncls * d, s_gk=d, s_gd=1, **hs, **es,
+            s_db=ncls * d, s_dk=d, s_dd=1, KPAD=kpad, BLOCK_D=block_d, PUBLISHED=published, **cfg,
+        ), _ROW_WARPS, DEFAULT_STAGES, shapes),
+        aot_kernel("gcr_bwd_nodes", _gcr_backward_nodes_kernel, dict(
+            dm_ptr=tp, h_ptr=tp, e_ptr=tp, de_ptr=tp, order_ptr="*i64", nodes_ptr="*i32", run_ptr="*i32",
+            bounds_ptr="*i32", has_ptr="*i8", p_ptr=cp, att_ptr=cp, ds_ptr=cp, dw_ptr=cp, snb_ptr=cp, sg_ptr=cp,
+            K=ncls, L=nodes, D=d, k=k, NCH=triton.cdiv(ncls * k, seg),
+            s_gb=ncls * d, s_gk=d, s_gd=1, **hs, **es, s_db=nodes * d, s_dl=d, s_dd=1,
+            SUB=sub, ZROWS=zrows, BLOCK_D=block_d_nodes, PUBLISHED=published, **cfg,
+        ), node_warps, _NODE_STAGES, shapes),
+    ]

@@ -228,10 +228,19 @@ def _config(device: torch.device, k: int, n: int, d: int) -> dict:
     """Block sizes (tests override this to exercise multi-tile paths)."""
     block_k = _pow2_clamp(k, 16, 64)
     if device.type == "cuda":
-        return dict(block_k=block_k, block_n=64, block_d=32, block_do=64, block_t=64, num_warps=4, num_stages=3)
+        # block_t 16: the one-program statistics merge spilled at 64 (255 registers, 96-332 bytes on
+        # sm_80 / sm_90 with triton 3.6 and 3.8; 64 registers at 16)
+        # bwd_block_n 16: the backward's N tiles (z, e and the [N, BLOCK_DO] patch tile) at 64 wide
+        # took 255 registers at K = 80 and spilled 1-1.4 KB on sm_80; 16 wide: <= 168, none
+        return dict(block_k=block_k, block_n=64, block_d=32, block_do=64, block_t=16, bwd_block_n=16, num_warps=4,
+                    num_stages=3)
     # interpreter: each program costs ~10 ms of Python, so few large blocks
     return dict(block_k=block_k, block_n=_pow2_clamp(n, 16, 256), block_d=_pow2_clamp(d, 16, 256),
-                block_do=_pow2_clamp(d, 16, 256), block_t=64, num_warps=4, num_stages=1)
+                block_do=_pow2_clamp(d, 16, 256), block_t=64, bwd_block_n=_pow2_clamp(n, 16, 256), num_warps=4,
+                num_stages=1)
+
+
+_COMBINE_WARPS = 4
 
 
 def _lir_forward(cls_tokens, patch_tokens, labels, cls_labels, temperature: float):
@@ -259,7 +268,7 @@ def _lir_forward(cls_tokens, patch_tokens, labels, cls_labels, temperature: floa
             )
         _lir_combine_kernel[(1,)](
             st_m, st_s, st_z, st_c, cls_labels, loss, aux, b, k, t, 1.0 / b if b else float("nan"), *cls_labels.stride(),
-            BLOCK_K=cfg["block_k"], BLOCK_T=cfg["block_t"], num_warps=4,
+            BLOCK_K=cfg["block_k"], BLOCK_T=cfg["block_t"], num_warps=_COMBINE_WARPS,
         )
     return loss, z, aux
 
@@ -278,8 +287,9 @@ def _lir_backward(grad, cls_tokens, patch_tokens, labels, z, aux, temperature: f
         _lir_bwd_kernel[(triton.cdiv(d, cfg["block_do"]), triton.cdiv(k, cfg["block_k"]), b)](
             cls_tokens, patch_tokens, labels, z, aux, grad, dq,
             k, n, d, 1.0 / temperature, NORM_EPS, *cls_tokens.stride(), *patch_tokens.stride(), *labels.stride(),
-            BLOCK_K=cfg["block_k"], BLOCK_N=cfg["block_n"], BLOCK_DO=cfg["block_do"], BLOCK_DQ=cfg["block_d"],
-            DOT_PREC=_dot_config(torch.float32, dev, F32_DOT)[1], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            BLOCK_K=cfg["block_k"], BLOCK_N=cfg["bwd_block_n"], BLOCK_DO=cfg["block_do"], BLOCK_DQ=cfg["block_d"],
+            DOT_PREC=_dot_config(torch.float32, dev, F32_DOT)[1], num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
         )
     return dq
 
@@ -351,3 +361,40 @@ def lir_loss(
     """L_cre (SPEC 2): B x K x D class tokens, B x N x D patch tokens (no gradient), B x N
     labels, B x K {0, 1} image labels -> an fp32 scalar."""
     return _lir_loss_op(cls_tokens, patch_tokens, labels, cls_labels, float(temperature))[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time configurations (scripts/aot_report.py)
+# --------------------------------------------------------------------------------------------
+def aot_configs(case) -> list:
+    """The kernels forward and backward launch for `case` (a kernels._launch.AotCase): B x K x D
+    class tokens and B x N x D patch tokens of case.dtype as the model hands them (the patch
+    tokens a slice of the B x T x D token tensor), int64 labels, fp32 image labels."""
+    from ._launch import AOT_DEVICE as dev, DEFAULT_STAGES, TORCH_DTYPE, aot_kernel
+
+    b, k, n, d = case.B, case.K, case.N, case.D
+    tp = "*" + case.dtype
+    upcast, prec = _dot_config(TORCH_DTYPE[case.dtype], dev, F32_DOT, cuda=True)
+    prec_f32 = _dot_config(torch.float32, dev, F32_DOT, cuda=True)[1]
+    cfg = _config(dev, k, n, d)
+    t = triton.cdiv(n, cfg["block_n"])
+    common = dict(K=k, N=n, D=d, inv_t=2.0, eps=NORM_EPS, sqb=k * d, sqk=d, sqd=1, spb=case.T * d, spn=d, spd=1,
+                  slb=n, sln=1)
+    shapes = f"B{b} K{k} N{n} D{d}"
+    return [
+        aot_kernel("lir_logits", _lir_logits_kernel, dict(
+            q_ptr=tp, p_ptr=tp, lab_ptr="*i64", z_ptr="*fp32", st_m_ptr="*fp32", st_s_ptr="*fp32",
+            st_z_ptr="*fp32", st_c_ptr="*i32", **common,
+            BLOCK_K=cfg["block_k"], BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], UPCAST=upcast, DOT_PREC=prec,
+        ), cfg["num_warps"], cfg["num_stages"], shapes),
+        aot_kernel("lir_combine", _lir_combine_kernel, dict(
+            st_m_ptr="*fp32", st_s_ptr="*fp32", st_z_ptr="*fp32", st_c_ptr="*i32", cls_ptr="*fp32",
+            loss_ptr="*fp32", aux_ptr="*fp32", B=b, K=k, T=t, inv_b=1.0 / b, scb=k, sck=1,
+            BLOCK_K=cfg["block_k"], BLOCK_T=cfg["block_t"],
+        ), _COMBINE_WARPS, DEFAULT_STAGES, shapes),
+        aot_kernel("lir_bwd", _lir_bwd_kernel, dict(
+            q_ptr=tp, p_ptr=tp, lab_ptr="*i64", z_ptr="*fp32", aux_ptr="*fp32", gout_ptr="*fp32", dq_ptr=tp,
+            **common, BLOCK_K=cfg["block_k"], BLOCK_N=cfg["bwd_block_n"], BLOCK_DO=cfg["block_do"],
+            BLOCK_DQ=cfg["block_d"], DOT_PREC=prec_f32,
+        ), cfg["num_warps"], cfg["num_stages"], shapes),
+    ]

@@ -179,6 +179,7 @@ def _par_step_kernel(
 _AFF_BLOCK_P = 32
 _STEP_BLOCK_P = 128
 _AFFINITY_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+_DEFAULT_AFFINITY = "bf16"
 AFFINITY_ENV = "MORE_FAST_PAR_AFFINITY"
 
 
@@ -192,7 +193,7 @@ def affinity_dtype() -> torch.dtype:
     "fp32" keeps the weights at fp32 accuracy (the kernels then agree with the reference to fp32
     rounding).
     """
-    name = os.environ.get(AFFINITY_ENV, "bf16").strip().lower() or "bf16"
+    name = os.environ.get(AFFINITY_ENV, _DEFAULT_AFFINITY).strip().lower() or _DEFAULT_AFFINITY
     if name not in _AFFINITY_DTYPES:
         raise ValueError(f"{AFFINITY_ENV}: expected one of {sorted(_AFFINITY_DTYPES)}, got {name!r}")
     return _AFFINITY_DTYPES[name]
@@ -340,39 +341,30 @@ def par_refine(
 
 
 # --------------------------------------------------------------------------------------------
-# Ahead-of-time compile configs (contract in kernels/_launch.py)
+# Ahead-of-time configurations (scripts/aot_report.py)
 # --------------------------------------------------------------------------------------------
-_DEFAULT_DILATIONS = (1, 2, 4, 8, 12, 24)
+def aot_configs(case, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24)) -> list:
+    """The kernels `par_refine` launches for `case` (a kernels._launch.AotCase): the fp32 image at
+    case.H x case.W and 2 (K + 1) mask channels (the two background-threshold sets the caller
+    concatenates), contiguous, the default dilations, the affinity in its default storage dtype
+    (bf16)."""
+    from ._launch import DEFAULT_STAGES, aot_kernel
 
-
-def aot_configs(case) -> list:
-    """The affinity kernel and the step kernel as `par_refine` launches them for `case`: the
-    callers refine 2 (K + 1) channels of fp32 masks at H x W with the default dilations; the
-    affinity is stored in the default dtype."""
-    from ._launch import KernelConfig
-
+    b, h, w = case.B, case.H, case.W
     c = 2 * (case.K + 1)
-    dy, dx = _offset_tables(_DEFAULT_DILATIONS)
-    aff_ty = {torch.bfloat16: "*bf16", torch.float32: "*fp32"}[_AFFINITY_DTYPES["bf16"]]
-    shapes = f"B{case.B} C{c} {case.H}x{case.W} J{len(dy)}"
+    dil = tuple(int(d) for d in dilations)
+    dy, dx = _offset_tables(dil)
+    aff_ty = "*" + _DEFAULT_AFFINITY
+    shapes = f"B{b} C{c} {h}x{w} J{len(dy)}"
     block_j, aff_block_p, aff_warps = _affinity_config(len(dy))
     block_c, block_p, warps = _step_config(c)
-    ints = ("H", "W", "CI", "s_ib", "s_ic", "s_ih", "s_iw")
-    affinity = KernelConfig(
-        name="par_affinity",
-        fn=_par_affinity_kernel,
-        signature={"img_ptr": "*fp32", "pos_ptr": "*fp32", "aff_ptr": aff_ty, **{n: "i32" for n in ints},
-                   "DY": "constexpr", "DX": "constexpr", "BLOCK_J": "constexpr", "BLOCK_P": "constexpr"},
-        constexprs={"DY": dy, "DX": dx, "BLOCK_J": block_j, "BLOCK_P": aff_block_p},
-        num_warps=aff_warps, num_stages=3, shapes=shapes,
-    )
-    ints = ("H", "W", "C", "s_b", "s_c", "s_h", "s_w")
-    step = KernelConfig(
-        name="par_step",
-        fn=_par_step_kernel,
-        signature={"src_ptr": "*fp32", "aff_ptr": aff_ty, "dst_ptr": "*fp32", **{n: "i32" for n in ints},
-                   "DILS": "constexpr", "BLOCK_C": "constexpr", "BLOCK_P": "constexpr"},
-        constexprs={"DILS": _DEFAULT_DILATIONS, "BLOCK_C": block_c, "BLOCK_P": block_p},
-        num_warps=warps, num_stages=3, shapes=shapes,
-    )
-    return [affinity, step]
+    return [
+        aot_kernel("par_affinity", _par_affinity_kernel, dict(
+            img_ptr="*fp32", pos_ptr="*fp32", aff_ptr=aff_ty, H=h, W=w, CI=3,
+            s_ib=3 * h * w, s_ic=h * w, s_ih=w, s_iw=1, DY=dy, DX=dx, BLOCK_J=block_j, BLOCK_P=aff_block_p,
+        ), aff_warps, DEFAULT_STAGES, shapes),
+        aot_kernel("par_step", _par_step_kernel, dict(
+            src_ptr="*fp32", aff_ptr=aff_ty, dst_ptr="*fp32", H=h, W=w, C=c,
+            s_b=c * h * w, s_c=h * w, s_h=w, s_w=1, DILS=dil, BLOCK_C=block_c, BLOCK_P=block_p,
+        ), warps, DEFAULT_STAGES, shapes),
+    ]

@@ -153,7 +153,7 @@ def floor_cells(info: dict, ms: Optional[float]) -> tuple[str, str]:
     if value is None:
         return "-", "-"
     cell = f"{_num(value)} ({info['floor_bound']})" if info.get("floor_bound") else _num(value)
-    return cell, (f"{100.0 * value / ms:.1f}%" if ms else "-")
+    return cell, (f"{_num(100.0 * value / ms)}%" if ms else "-")
 
 
 def peak_memory(info: dict) -> str:

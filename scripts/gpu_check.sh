@@ -7,7 +7,9 @@
 # default, about 9.5 minutes):
 #   1. install    pip install -e . --no-deps --no-build-isolation (quietly)
 #   2. versions   python, torch, triton, timm, pytest-benchmark, CUDA, the GPU (and nvidia-smi)
-#   3. gpu-tests  pytest tests -m gpu (TRITON_INTERPRET=0: the real kernels, not the interpreter)
+#   3. tests      the whole `pytest` (TRITON_INTERPRET=0: the kernel tests run the compiled kernels on
+#                 CUDA tensors, the `gpu`-marked production-shape cases included), with the 25
+#                 slowest tests listed in its log
 #   4. bench      pytest on every bench/ file with --benchmark-json, one pytest run per file so
 #                 that a file that fails or runs out of time loses only its own rows: the training
 #                 step first, then the whole-ViT benchmark, then the per-op files
@@ -25,7 +27,7 @@
 # table. Exit status: 0 when every stage passed, 1 otherwise (after the table), 2 without CUDA.
 #
 # Knobs: GPU_CHECK_BUDGET (seconds, 570); GPU_CHECK_SKIP (stages to skip, space separated:
-# install gpu-tests bench train); GPU_CHECK_BENCH (bench files to run, space separated, default
+# install tests bench train); GPU_CHECK_BENCH (bench files to run, space separated, default
 # all: e.g. a second call for the files a first one had no time for); GPU_CHECK_TRAIN_ITERS (30);
 # PYTHON (python3); GPU_CHECK_ALLOW_CPU=1 runs without a GPU (to test this script; CPU numbers
 # mean little).
@@ -40,7 +42,8 @@ TRAIN_ITERS=${GPU_CHECK_TRAIN_ITERS:-30}
 REPORT_RESERVE=25   # seconds kept for the report at the end
 TRAIN_CAP=150       # the compiled training run (compile + 30 iterations + one evaluation)
 TRAIN_MIN=90        # what the benchmarks leave for it
-BENCH_MIN=200       # what the GPU tests leave for the benchmarks
+BENCH_MIN=200       # what the tests leave for the benchmarks
+TESTS_CAP=240       # the whole pytest (about 225 s remain for it after install and versions)
 
 TEMP_WORK=0
 if [[ -n "${OUT:-}" ]]; then
@@ -150,15 +153,15 @@ if [[ -n $STOP ]]; then
     exit 2
 fi
 
-# 3. GPU-marked tests ----------------------------------------------------------------------
-# tests/conftest.py turns the Triton interpreter on unless TRITON_INTERPRET is already set: the
-# GPU tests are about the compiled kernels, so set it to 0 here.
-if skipped gpu-tests; then
-    STATUS+=("gpu-tests: skipped (GPU_CHECK_SKIP)")
+# 3. the whole test suite ------------------------------------------------------------------
+# tests/conftest.py leaves the Triton interpreter off when CUDA is present; TRITON_INTERPRET=0
+# makes sure an inherited setting does not turn it on.
+if skipped tests; then
+    STATUS+=("tests: skipped (GPU_CHECK_SKIP)")
 else
-    TRITON_INTERPRET=0 run_stage gpu-tests 100 $((BENCH_MIN + TRAIN_MIN + REPORT_RESERVE)) \
-        "$PY" -m pytest tests -m gpu -q -p no:cacheprovider --junitxml "$WORK/gpu_tests.xml"
-    [[ -f "$WORK/gpu-tests.log" ]] && grep -E "passed|failed|error|no tests ran" "$WORK/gpu-tests.log" | tail -n 1 | indent
+    TRITON_INTERPRET=0 run_stage tests "$TESTS_CAP" $((BENCH_MIN + TRAIN_MIN + REPORT_RESERVE)) \
+        "$PY" -m pytest tests -q -rfE -p no:cacheprovider --durations=25 --junitxml "$WORK/tests.xml"
+    [[ -f "$WORK/tests.log" ]] && grep -E "passed|failed|error|no tests ran" "$WORK/tests.log" | tail -n 1 | indent
 fi
 
 # 4. benchmarks, one pytest run per file ---------------------------------------------------

@@ -1,4 +1,8 @@
-"""Test setup: the Triton interpreter must be on before anything imports triton."""
+"""Test setup: the Triton interpreter must be on before anything imports triton.
+
+With CUDA the kernel tests run the compiled kernels on CUDA tensors (the `device` fixture,
+tests/helpers.py); without it, the interpreter on CPU tensors. Tolerances: tests/helpers.py.
+"""
 import os
 
 # the interpreter's tl.dot goes through numpy: BLAS threads fighting over 2 cores slow it 30x
@@ -6,10 +10,12 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import torch  # noqa: E402  (importing torch does not import triton)
 
-if not torch.cuda.is_available():  # on a GPU the gpu-marked tests run the compiled kernels
+if not torch.cuda.is_available():  # on a GPU the tests run the compiled kernels
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+from helpers import DEVICE  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -17,8 +23,15 @@ def pytest_collection_modifyitems(config, items):
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
+        # the marker, not item.keywords: those also hold the names of the folders above the test
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where the kernel tests put their tensors: CUDA when available, else the CPU (interpreter)."""
+    return DEVICE
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,9 @@ ValueError or TypeError whose message starts with the argument's name (`name: ex
 DESIGN.md's contract) for wrong ranks and shapes, mismatched batches, wrong dtypes, labels that
 are not integers, bad scalars (temperature, k, reduce, num_prefix, num_cls, dilations, num_iter,
 sigmas). tests/test_reference.py's BAD_CASES covers a first set; the cases here are the others.
-Tensors on different devices cannot be built on this CPU-only machine: not tested here.
+The kernel cases build their tensors on tests/helpers.DEVICE (CUDA when available: the Triton
+backend then runs compiled; else the CPU and the interpreter). Tensors on different devices are
+not tested here.
 Degenerate (empty) shapes: both backends must agree, either on the same result or on a
 ValueError naming the argument.
 
@@ -29,13 +31,21 @@ import pytest
 import torch
 
 import kernels
+from helpers import DEVICE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKENDS = ["reference", "triton"]
 
 
+@pytest.fixture
+def on_device():
+    """Tensor factories (torch.randn, torch.zeros, ...) make their tensors on DEVICE."""
+    with torch.device(DEVICE):
+        yield DEVICE
+
+
 @pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
+def backend(request, monkeypatch, on_device):
     monkeypatch.setenv("MORE_FAST_KERNELS", request.param)
     return request.param
 
@@ -211,7 +221,7 @@ def _outcome(call):
 
 
 @pytest.mark.parametrize("call", [c[1] for c in EMPTY_CASES], ids=[c[0] for c in EMPTY_CASES])
-def test_empty_shapes_agree_across_backends(call, monkeypatch):
+def test_empty_shapes_agree_across_backends(call, monkeypatch, on_device):
     outcomes = {}
     for name in BACKENDS:
         monkeypatch.setenv("MORE_FAST_KERNELS", name)
@@ -255,7 +265,7 @@ def _ran_triton() -> bool:
     return False
 
 
-def test_use_backend_nests_and_restores(monkeypatch, triton_affinity_raises):
+def test_use_backend_nests_and_restores(monkeypatch, triton_affinity_raises, on_device):
     monkeypatch.setenv("MORE_FAST_KERNELS", "triton")
     env_before = dict(os.environ)
     assert kernels.backend_mode() == "triton" and _ran_triton()
@@ -296,6 +306,22 @@ def test_use_backend_with_a_bad_value_names_it(bad):
     with pytest.raises(ValueError, match=r"^use_backend: expected one of .*got " + re.escape(repr(bad))):
         with kernels.use_backend(bad):
             pass
+
+
+def test_use_backend_is_seen_by_compiled_code(monkeypatch):
+    """torch.compile guards on the active mode: a graph traced under one mode is not reused under
+    another (the training step compiles its losses and enters use_backend around them)."""
+    monkeypatch.setenv("MORE_FAST_KERNELS", "auto")
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x):
+        return x + 1 if kernels.backend_mode() == "reference" else x * 2
+
+    x = torch.full((2,), 3.0)
+    assert f(x).tolist() == [6.0, 6.0]
+    with kernels.use_backend("reference"):
+        assert f(x).tolist() == [4.0, 4.0]
+    assert f(x).tolist() == [6.0, 6.0]
 
 
 def test_use_backend_is_per_thread(monkeypatch):

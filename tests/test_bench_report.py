@@ -80,7 +80,7 @@ def test_table_rows_speedups_and_header(gpu_json):
     assert compiled[9] == "2.50x vs reference_eager"
     assert fused[7] == "125 GB/s; 2.5 TFLOP/s" and fused[8] == "1.5 (extra)"
     assert fused[9] == "10.00x vs reference_eager"
-    assert fused[5:7] == ["0.25 (memory)", "25.0%"]  # 0.25 ms floor over the 1 ms median
+    assert fused[5:7] == ["0.25 (memory)", "25%"]  # 0.25 ms floor over the 1 ms median
     assert eager[5:7] == ["-", "-"]  # no floor recorded: unknown, not zero
     assert fused_fwd[9] == "-" and fused_fwd[7] == "-" and fused_fwd[8] == "-"
     assert ref_step[9] == "baseline" and ref_step[8] == "30,000 (total)"
@@ -214,7 +214,7 @@ def test_measure_records_floor_and_percentage():
     assert info["pct_of_floor"] == pytest.approx(50.0)  # 1 ms floor, 2 ms median
     assert info["GB/s"] == pytest.approx(1675.0)
     row = _cells(_rows(report.render({"benchmarks": [_bench("test_x", 2e-3, **info)]}))[0])
-    assert row[5:7] == ["1 (memory)", "50.0%"]
+    assert row[5:7] == ["1 (memory)", "50%"]
 
 
 # ------------------------------------------------------------------ scripts/gpu_check.sh (no GPU work)
