@@ -2,7 +2,9 @@
 
 Every benchmark in bench/ goes through `measure`, so every row of the report carries the same
 `extra_info` keys: variant, pass (fwd / fwd+bwd), shape, median_ms, GB/s or TFLOP/s (from
-the byte / FLOP count the case passes), peak_mem_MiB (CUDA only) and the device.
+the byte / FLOP count the case passes), peak_mem_MiB (CUDA only) and the device, and, when the
+case passes an ideal count, the op's floor at the H100's figures (`floor`): the time the ideal
+bytes, FLOPs and transcendentals would take at the H100 SXM's peak rates, whichever is longest.
 """
 from __future__ import annotations
 
@@ -18,6 +20,31 @@ from kernels import reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 VARIANTS = ("reference_eager", "reference_compiled", "fused")
+
+# H100 SXM peak rates for the floors: HBM3 bandwidth, dense bf16 tensor-core FLOP/s (both from the
+# datasheet) and the MUFU rate (ex2, lg2, rsqrt, sqrt, tanh, rcp: 16 per clock per SM, x 132 SMs
+# x the 1.83 GHz boost clock the 989 TFLOP/s figure assumes).
+H100_BYTES_PER_S = 3.35e12
+H100_FLOPS_PER_S = 989e12
+H100_MUFU_PER_S = 16 * 132 * 1.83e9
+
+
+def floor(nbytes: float | None = None, flops: float | None = None,
+          transcendentals: float | None = None) -> dict:
+    """The op's floor on an H100: {"floor_ms", "floor_bound"} ("memory", "compute" or "mufu"),
+    the longest of ideal bytes / 3.35 TB/s, ideal FLOPs / 989 TFLOP/s and transcendentals / MUFU
+    rate. Empty when no count is given."""
+    times = {}
+    for bound, count, rate in (("memory", nbytes, H100_BYTES_PER_S), ("compute", flops, H100_FLOPS_PER_S),
+                               ("mufu", transcendentals, H100_MUFU_PER_S)):
+        if count is not None and count < 0:
+            raise ValueError(f"floor: expected a non-negative {bound} count, got {count}")
+        if count:
+            times[bound] = count / rate
+    if not times:
+        return {}
+    bound = max(times, key=times.get)
+    return {"floor_ms": times[bound] * 1e3, "floor_bound": bound}
 
 
 def sync() -> None:
@@ -78,9 +105,10 @@ def op_variant(op: str, variant: str) -> Callable:
 
 
 def measure(benchmark, fn: Callable, *, variant: str, pass_: str, shape: dict,
-            nbytes: float | None = None, flops: float | None = None,
+            nbytes: float | None = None, flops: float | None = None, transcendentals: float | None = None,
             rounds: int | None = None, warmup: int = 2):
-    """Time `fn()` (synchronized) with pytest-benchmark and record throughput and peak memory."""
+    """Time `fn()` (synchronized) with pytest-benchmark and record throughput, peak memory and the
+    H100 floor of the ideal counts (`floor`), with the median's percentage of it."""
     if rounds is None:
         rounds = 20 if DEVICE.type == "cuda" else 3
 
@@ -100,6 +128,10 @@ def measure(benchmark, fn: Callable, *, variant: str, pass_: str, shape: dict,
     result = benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=0)
     info = benchmark.extra_info
     info.update(variant=variant, pass_=pass_, shape=shape, **device_info())
+    bound = floor(nbytes, flops, transcendentals)
+    if bound:
+        info["floor_ms"] = round(bound["floor_ms"], 6)
+        info["floor_bound"] = bound["floor_bound"]
     if peak is not None:
         info["peak_extra_mem_MiB"] = round(peak, 2)
     stats = getattr(benchmark, "stats", None)
@@ -110,6 +142,8 @@ def measure(benchmark, fn: Callable, *, variant: str, pass_: str, shape: dict,
             info["GB/s"] = round(nbytes / median / 1e9, 2)
         if flops:
             info["TFLOP/s"] = round(flops / median / 1e12, 3)
+        if bound and median > 0:
+            info["pct_of_floor"] = round(100.0 * bound["floor_ms"] / (median * 1e3), 2)
     return result
 
 

@@ -5,6 +5,12 @@ K = 80 (COCO, k = 40); L = K + N nodes. "published" score (the default). Forward
 + backward into both h and e (as in training: h = head_proj(T), e = tail_proj(X) both need
 gradients).
 
+Edge distributions (fwd+bwd): "uniform" (random h: the K k edges spread over the L nodes) and
+"hub", the start of training: class tokens start as copies of one token, so every class row
+picks the same k nodes and all K k edges land on them, K each (a node takes at most one edge
+per class row: the most concentrated distribution the op allows). The backward's node kernel
+splits its work by edges, not node rows, so both should take about the same time.
+
 Throughput counts:
 - bytes: an ideal kernel reads h and e once and writes M (forward); the backward adds reading
   the incoming gradient and writing dh and de (the gathered neighbour rows come from cache);
@@ -41,11 +47,14 @@ def _flops(ncls: int, backward: bool) -> float:
     return 2.0 * B * ncls * nodes * D + 8.0 * edges + (24.0 * edges if backward else 0.0)
 
 
-def _inputs(ncls: int, dtype: str, requires_grad: bool):
+def _inputs(ncls: int, dtype: str, requires_grad: bool, edges: str = "uniform"):
     gen = torch.Generator(device="cpu").manual_seed(0)
     dt = getattr(torch, dtype)
     scale = 0.5 / D ** 0.25
-    h = (torch.randn(B, ncls, D, generator=gen) * scale).to(device=DEVICE, dtype=dt)
+    h = torch.randn(B, ncls, D, generator=gen) * scale
+    if edges == "hub":
+        h = h[:, :1].expand(B, ncls, D).contiguous()
+    h = h.to(device=DEVICE, dtype=dt)
     e = (torch.randn(B, ncls + N, D, generator=gen) * scale).to(device=DEVICE, dtype=dt)
     return h.requires_grad_(requires_grad), e.requires_grad_(requires_grad)
 
@@ -69,19 +78,20 @@ def test_gcr_aggregate_fwd(benchmark, variant, ncls, dtype):
         )
 
 
+@pytest.mark.parametrize("edges", ("uniform", "hub"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ncls", CLASSES)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_gcr_aggregate_fwd_bwd(benchmark, variant, ncls, dtype):
+def test_gcr_aggregate_fwd_bwd(benchmark, variant, ncls, dtype, edges):
     fn = op_variant("gcr_aggregate", variant)
-    h, e = _inputs(ncls, dtype, requires_grad=True)
+    h, e = _inputs(ncls, dtype, requires_grad=True, edges=edges)
     k = _topk(ncls)
     measure(
         benchmark,
         fwd_bwd(lambda: fn(h, e, k, SCORE), h, e),
         variant=variant,
         pass_="fwd+bwd",
-        shape=dict(B=B, K=ncls, N=N, L=ncls + N, D=D, k=k, score=SCORE, dtype=dtype),
+        shape=dict(B=B, K=ncls, N=N, L=ncls + N, D=D, k=k, score=SCORE, dtype=dtype, edges=edges),
         nbytes=_ideal_bytes(ncls, h.element_size(), backward=True),
         flops=_flops(ncls, backward=True),
     )

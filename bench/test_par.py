@@ -1,8 +1,27 @@
 """par_refine (SPEC 4) alone: reference eager, reference compiled, fused. Forward only (no grad).
 
-Production shape: PAR runs at half the 448 crop, so B = 4 images of 224 x 224, C = 4 and 21
-mask channels per background threshold, both thresholds refined in one call (2C channels),
-dilations (1, 2, 4, 8, 12, 24) (J = 48 neighbours), 10 iterations, fp32.
+Production shape: PAR runs at half the 448 crop, so B = 4 images of 224 x 224, C = 4, 21 (VOC)
+and 81 (COCO) mask channels per background threshold, both thresholds refined in one call (2C
+channels), dilations (1, 2, 4, 8, 12, 24) (J = 48 neighbours), 10 iterations, fp32 masks.
+
+DRAM bytes per call (counted, not measured: no GPU has run this yet; MB = 1e6 B). Ideal: the
+image read once, the B x J x HW affinity written once in its storage dtype, then per iteration
+the fp32 masks read and written once and the affinity read once.
+
+| shape (2C channels)  | ideal, bf16 affinity | ideal, fp32 affinity | this kernel | previous kernel |
+| -------------------- | -------------------- | -------------------- | ----------- | --------------- |
+| VOC, C = 42          | 889 MB               | 1,101 MB             | 889 MB      | 1,871 MB        |
+| COCO, C = 162        | 2,815 MB             | 3,027 MB             | 2,815 MB    | 6,881 MB        |
+
+(masks 33.7 MB per pass at C = 42, 130.1 MB at C = 162; affinity 19.3 MB bf16, 38.5 MB fp32.)
+The previous kernel put pixel tiles on the fastest grid axis, so each of its 3 (VOC) or 11
+(COCO) channel blocks re-read the fp32 affinity from DRAM every iteration. This one puts the
+channel block fastest: the blocks of one pixel tile run side by side and share its affinity
+tile through L2, so the count above is the ideal (1.0x, target <= 1.5x) provided the 48-fold
+neighbour re-reads of the masks hit L1/L2. They should: a mask pixel is needed by the tiles
+within +-24 rows, +-42 tiles of 128 pixels at W = 224, and the traffic between its first and
+last use is about 85 tiles x (masks in + out + affinity) = 15 MB at C = 162, under the 50 MB
+L2 of an H100. A GPU run confirms it with Nsight Compute's dram__bytes (not done yet).
 
 On the CPU the production-shape reference takes minutes per call (one iteration alone is ~15 s
 on 2 cores: it materializes B x 2C x 48 x H x W), so it skips there, and a CPU stand-in shape
@@ -19,18 +38,24 @@ DILATIONS = (1, 2, 4, 8, 12, 24)
 NUM_ITER = 10
 B, SIZE = 4, 224
 CPU_STANDIN_SIZE = 32
-CASES = [("production", SIZE, 4), ("production", SIZE, 21)]
+CASES = [("production", SIZE, 4), ("production", SIZE, 21), ("production", SIZE, 81)]
 if DEVICE.type != "cuda":
     CASES.append(("cpu_standin", CPU_STANDIN_SIZE, 4))
 
 
-def _ideal_bytes(c2: int, hw: int, img_elt: int) -> float:
-    """Image read once, the B x J x HW fp32 affinity written once, then per iteration the fp32
-    masks read and written once and the affinity read once (an iteration needs the previous
-    one everywhere within 24 pixels, so iterations cannot share a pass)."""
+def _ideal_bytes(c2: int, hw: int, img_elt: int, aff_elt: int = 2) -> float:
+    """Image read once, the B x J x HW affinity written once (bf16 by default, as the fused op
+    stores it), then per iteration the fp32 masks read and written once and the affinity read
+    once (an iteration needs the previous one everywhere within 24 pixels, so iterations cannot
+    share a pass)."""
     j = 8 * len(DILATIONS)
-    aff = B * j * hw * 4
+    aff = B * j * hw * aff_elt
     return B * 3 * hw * img_elt + aff + NUM_ITER * (2 * B * c2 * hw * 4 + aff)
+
+
+def _transcendentals(hw: int) -> float:
+    """The affinity's exp per (pixel, neighbour) and sqrt per (pixel, image channel)."""
+    return B * (8 * len(DILATIONS) + 3) * hw
 
 
 def _flops(c2: int, hw: int) -> float:
@@ -64,6 +89,7 @@ def test_par_refine(benchmark, variant, case, size, c):
                        num_iter=NUM_ITER, dtype="float32"),
             nbytes=_ideal_bytes(c2, hw, image.element_size()),
             flops=_flops(c2, hw),
+            transcendentals=_transcendentals(hw),
             rounds=1 if cpu else None,
             warmup=0 if cpu else 2,  # the eager reference needs no warm-up on the CPU
         )

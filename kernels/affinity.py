@@ -10,31 +10,32 @@ backward: the |cos| tiles live in registers, flash-attention style.
 
 Forward (3 launches):
 1. `_affinity_rownorm_kernel`: rn_i = 1 / max(||x_i||, eps), fp32, B x N (saved for backward).
-2. `_affinity_fwd_kernel`, grid (T, T, B) over tile pairs (T = cdiv(N, BLOCK)): the tile
-   <x_i, x_j> by tl.dot over D chunks of the raw tokens, scaled by rn_i rn_j in fp32. c is
-   symmetric, so only tiles tj >= ti compute (tj < ti programs store zeros); an off-diagonal
+2. `_affinity_fwd_kernel`, grid (T (T + 1) / 2, B) over the tile pairs tj >= ti
+   (T = cdiv(N, BLOCK)): the tile <x_i, x_j> by tl.dot over D chunks of the raw tokens, scaled
+   by rn_i rn_j in fp32. c is symmetric, so only the upper triangle is launched; an off-diagonal
    tile counts twice, the diagonal tile once (it holds both (i, j) and (j, i)). Each program
    writes its partial S_pos, S_neg (fp32) and n_pos, n_neg (int32, exact) to its own slot.
 3. `_affinity_finalize_kernel`, one program: sums the partials in a fixed order (deterministic,
    counts in int64), writes the loss and the pair weights w_pos = -0.5 / (n_pos + 1),
    w_neg = 0.5 / (n_neg + 1) (saved for backward).
 
-Backward (2 launches):
-4. `_affinity_bwd_kernel`, grid (T_i, B, SPLIT): recomputes the tiles of its row block against
-   the column tiles of its split and accumulates
+Backward (1 launch):
+4. `_affinity_bwd_kernel`, grid (D chunks of BLOCK_DO, T_i, B): for its rows and its D chunk,
+   one pass over the column tiles j, recomputing S_ij = <x_i, x_j> over all of D each time,
        ghat_i = dL/dxhat_i = 2 g sum_j W_ij sign(c_ij) xhat_j      (W = w_pos / w_neg / 0)
-   (the factor 2: c_ij appears as (i, j) and as (j, i)) as tl.dot(M, x_j) with
-   M_ij = 2 g W_ij sign(<x_i, x_j>) rn_j. The D x BLOCK_M accumulator does not fit in
-   registers (D = 768), so the program adds each D chunk into its own rows of an fp32 scratch
-   (SPLIT x B x N x D); only this program touches those rows, and a CTA barrier separates one
-   column tile's stores from the next tile's loads.
-5. `_affinity_norm_bwd_kernel`, per row: ghat = the SPLIT partials summed in a fixed order,
+   (the factor 2: c_ij appears as (i, j) and as (j, i)) as tl.dot(M, x_j[:, chunk]) with
+   M_ij = 2 g W_ij sign(S_ij) rn_j, and <x_i, ghat_i> = sum_j M_ij S_ij from the same tiles, so
        dx = rn ghat - [||x|| >= eps] rn^3 x <x, ghat>          (F.normalize's gradient)
-   stored in the dtype of the tokens.
+   is finished in registers and stored once in the dtype of the tokens. No scratch buffer, no
+   atomics, no GPU-dependent split: the same bits on any GPU. The price is the S tiles being
+   recomputed once per dx chunk (6 times at D = 768: 14 N^2 D FLOPs per image instead of
+   4 N^2 D) instead of an fp32 B x N x D partial buffer read and rewritten once per column tile
+   (266 MB of traffic at N = 784, 4.3 GB at N = 3136).
 
 Saved for backward: the tokens and labels (inputs), rn (B x N fp32) and the two pair weights.
-Block sizes: 64 x 64 tiles on CUDA (backward with 8 warps, which ptxas compiles without register
-spills for sm_80 and sm_90); on the interpreter few large blocks (each program costs Python time).
+Block sizes: 64 x 64 tiles on CUDA in the forward, 64 x 32 in the backward (8 warps, no
+register spills for sm_80 and sm_90, `_bwd_config`); on the interpreter few large blocks (each
+program costs Python time).
 
 Precision (kernels/_launch.py, the precision policy): fp16 / bf16 tokens go to tl.dot natively
 on CUDA (exact products, fp32 accumulation); fp32 tokens use 3xTF32 (F32_DOT); the backward's
@@ -43,6 +44,7 @@ The loss is fp32.
 """
 from __future__ import annotations
 
+import functools
 
 import torch
 import triton
@@ -80,23 +82,22 @@ def _affinity_rownorm_kernel(
 
 @triton.jit
 def _affinity_fwd_kernel(
-    x_ptr, lab_ptr, rn_ptr, psum_ptr, pcnt_ptr,
+    x_ptr, lab_ptr, rn_ptr, tiles_ptr, psum_ptr, pcnt_ptr,
     N, D, ignore_index, sxb, sxn, sxd, slb, sln,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Partial sums of one tile pair (ti, tj) of image b, weighted for the triangle tj >= ti.
+    """Partial sums of one tile pair (ti, tj), tj >= ti, of image b: only the upper triangle
+    is launched (program t reads its pair from tiles[t], P = T (T + 1) / 2 pairs).
 
-    psum[slot] = (sum_pos |c|, sum_neg |c|), pcnt[slot] = (n_pos, n_neg) with
-    slot = (b * T + ti) * T + tj; tiles with tj < ti store zeros (their pairs are counted by
-    the mirrored tile, weight 2).
+    psum[slot] = (sum_pos |c|, sum_neg |c|), pcnt[slot] = (n_pos, n_neg) with slot = b P + t;
+    an off-diagonal tile counts twice (its mirror is not launched), the diagonal tile once.
     """
-    tj = tl.program_id(0)
-    ti = tl.program_id(1)
-    b = tl.program_id(2)
-    num_t = tl.num_programs(0)
-    # 1 on the diagonal tile, 2 above it, 0 below it
-    tile_w = (tj >= ti).to(tl.int32) + (tj > ti).to(tl.int32)
-    d_stop = D * (tile_w > 0).to(tl.int32)
+    t = tl.program_id(0)
+    b = tl.program_id(1)
+    num_p = tl.num_programs(0)
+    ti = tl.load(tiles_ptr + 2 * t)
+    tj = tl.load(tiles_ptr + 2 * t + 1)
+    tile_w = 1 + (tj > ti).to(tl.int32)
 
     offs_i = ti * BLOCK + tl.arange(0, BLOCK)
     offs_j = tj * BLOCK + tl.arange(0, BLOCK)
@@ -107,7 +108,7 @@ def _affinity_fwd_kernel(
     rows_j = offs_j.to(tl.int64) * sxn
 
     acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-    for d0 in range(0, d_stop, BLOCK_D):
+    for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         md = offs_d < D
         cols = offs_d.to(tl.int64) * sxd
@@ -137,7 +138,7 @@ def _affinity_fwd_kernel(
     n_pos = tl.sum(tl.sum(pos.to(tl.int32), axis=1), axis=0) * tile_w
     n_neg = tl.sum(tl.sum(neg.to(tl.int32), axis=1), axis=0) * tile_w
 
-    slot = ((b * num_t + ti) * num_t + tj).to(tl.int64) * 2
+    slot = (b * num_p + t).to(tl.int64) * 2
     tl.store(psum_ptr + slot, s_pos)
     tl.store(psum_ptr + slot + 1, s_neg)
     tl.store(pcnt_ptr + slot, n_pos)
@@ -172,38 +173,44 @@ def _affinity_finalize_kernel(psum_ptr, pcnt_ptr, P, loss_ptr, coef_ptr, BLOCK_P
 
 @triton.jit
 def _affinity_bwd_kernel(
-    x_ptr, lab_ptr, rn_ptr, coef_ptr, gout_ptr, g_ptr,
-    B, N, D, ignore_index, sxb, sxn, sxd, slb, sln, T, TILES_PER_SPLIT,
+    x_ptr, lab_ptr, rn_ptr, coef_ptr, gout_ptr, dx_ptr,
+    N, D, ignore_index, sxb, sxn, sxd, slb, sln, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, DOT_PREC_F32: tl.constexpr,
 ):
-    """Partial ghat = dL/dxhat of row tile ti of image b over the column tiles of split s:
+    """dx[b, rows of ti, columns d0 .. d0 + BLOCK_DO - 1] in one pass over the column tiles:
 
-        ghat_i += sum_j M_ij x_j,   M_ij = 2 g W_ij sign(<x_i, x_j>) rn_j,
+        ghat_i = sum_j M_ij x_j,   M_ij = 2 g W_ij sign(S_ij) rn_j,   S_ij = <x_i, x_j>,
+        dx_i   = rn_i ghat_i - [||x_i|| >= eps] rn_i^3 <x_i, ghat_i>,
 
-    W_ij = coef[0] on positive pairs, coef[1] on negative pairs, 0 otherwise. Written into
-    g[s, b, rows of ti, :] (fp32, contiguous), a block no other program touches.
+    W_ij = coef[0] on positive pairs, coef[1] on negative pairs, 0 otherwise. Each column tile's
+    S is recomputed over the whole of D (so is every D chunk's: the tensor-core work is traded
+    for the memory of the old fp32 partial-ghat scratch), giving both M and <x_i, ghat_i> =
+    sum_j M_ij S_ij, so the normalize backward needs no other D chunk: dx is written once, in
+    the tokens' dtype, with no scratch. Fixed loop order, no split: deterministic on any GPU.
     """
-    ti = tl.program_id(0)
-    b = tl.program_id(1)
-    s = tl.program_id(2)
+    pid_d = tl.program_id(0)
+    ti = tl.program_id(1)
+    b = tl.program_id(2)
     go = tl.load(gout_ptr).to(tl.float32)
     c_pos = 2.0 * go * tl.load(coef_ptr)
     c_neg = 2.0 * go * tl.load(coef_ptr + 1)
 
     offs_i = ti * BLOCK_M + tl.arange(0, BLOCK_M)
     mi = offs_i < N
+    offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    mo = offs_o < D
     xb = x_ptr + b.to(tl.int64) * sxb
     lb = lab_ptr + b.to(tl.int64) * slb
     rows_i = offs_i.to(tl.int64) * sxn
+    cols_o = offs_o.to(tl.int64) * sxd
     lab_i = tl.load(lb + offs_i.to(tl.int64) * sln, mask=mi, other=0).to(tl.int64)
     valid_i = mi & (lab_i != ignore_index)
-    g_rows = ((s * B + b).to(tl.int64) * N + offs_i.to(tl.int64)) * D
 
-    t_start = s * TILES_PER_SPLIT
-    t_stop = tl.minimum(t_start + TILES_PER_SPLIT, T)
-    for tj in range(t_start, t_stop):
-        offs_j = tj * BLOCK_N + tl.arange(0, BLOCK_N)
+    ghat = tl.zeros([BLOCK_M, BLOCK_DO], dtype=tl.float32)
+    xg = tl.zeros([BLOCK_M], dtype=tl.float32)  # <x_i, ghat_i>
+    for j0 in range(0, N, BLOCK_N):
+        offs_j = j0 + tl.arange(0, BLOCK_N)
         mj = offs_j < N
         rows_j = offs_j.to(tl.int64) * sxn
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -225,64 +232,23 @@ def _affinity_bwd_kernel(
         w = tl.where(lab_i[:, None] == lab_j[None, :], c_pos, c_neg)
         sgn = tl.where(acc > 0, 1.0, tl.where(acc < 0, -1.0, 0.0))
         m = tl.where(pair, w * sgn, 0.0) * rn_j[None, :]
+        xg += tl.sum(m * acc, axis=1)
+        xj = tl.load(xb + rows_j[:, None] + cols_o[None, :], mask=mj[:, None] & mo[None, :], other=0.0)
+        ghat = tl.dot(m, xj.to(tl.float32), ghat, input_precision=DOT_PREC_F32)
 
-        not_first = tj != t_start  # the first column tile of the split overwrites the scratch
-        for d0 in range(0, D, BLOCK_DO):
-            offs_d = d0 + tl.arange(0, BLOCK_DO)
-            md = offs_d < D
-            xj = tl.load(
-                xb + rows_j[:, None] + offs_d[None, :].to(tl.int64) * sxd,
-                mask=mj[:, None] & md[None, :], other=0.0,
-            ).to(tl.float32)
-            g_ptrs = g_ptr + g_rows[:, None] + offs_d[None, :]
-            g_mask = mi[:, None] & md[None, :]
-            g = tl.load(g_ptrs, mask=g_mask & not_first, other=0.0)
-            g = tl.dot(m, xj, g, input_precision=DOT_PREC_F32)
-            tl.store(g_ptrs, g, mask=g_mask)
-        # the next column tile reloads these rows, possibly from other threads of the CTA
-        tl.debug_barrier()
-
-
-@triton.jit
-def _affinity_norm_bwd_kernel(
-    x_ptr, g_ptr, dx_ptr, R, N, D, SPLIT, split_stride, sxb, sxn, sxd, eps,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """dx = rn ghat - [||x|| >= eps] rn^3 x <x, ghat>, ghat = sum over the SPLIT partials
-    (fixed order, split_stride = B * N * D apart); dx contiguous B x N x D in its own dtype."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    base = (rows // N).to(tl.int64) * sxb + (rows % N).to(tl.int64) * sxn
-    grow = rows.to(tl.int64) * D
-    ss = tl.zeros([BLOCK_R], dtype=tl.float32)
-    xg = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask = row_ok[:, None] & (offs_d[None, :] < D)
-        x = tl.load(x_ptr + base[:, None] + offs_d[None, :].to(tl.int64) * sxd, mask=mask, other=0.0)
-        x = x.to(tl.float32)
-        g = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-        g_ptrs = g_ptr + grow[:, None] + offs_d[None, :]
-        for _ in range(0, SPLIT):
-            g += tl.load(g_ptrs, mask=mask, other=0.0)
-            g_ptrs += split_stride
+    ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_DO):
+        offs_d = d0 + tl.arange(0, BLOCK_DO)
+        x = tl.load(xb + rows_i[:, None] + offs_d[None, :].to(tl.int64) * sxd,
+                    mask=mi[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
         ss += tl.sum(x * x, axis=1)
-        xg += tl.sum(x * g, axis=1)
     norm = tl.sqrt(ss)
     rn = 1.0 / tl.maximum(norm, eps)
     proj = tl.where(norm >= eps, rn * rn * rn * xg, 0.0)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask = row_ok[:, None] & (offs_d[None, :] < D)
-        x = tl.load(x_ptr + base[:, None] + offs_d[None, :].to(tl.int64) * sxd, mask=mask, other=0.0)
-        x = x.to(tl.float32)
-        g = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-        g_ptrs = g_ptr + grow[:, None] + offs_d[None, :]
-        for _ in range(0, SPLIT):
-            g += tl.load(g_ptrs, mask=mask, other=0.0)
-            g_ptrs += split_stride
-        dx = rn[:, None] * g - proj[:, None] * x
-        tl.store(dx_ptr + grow[:, None] + offs_d[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    xo = tl.load(xb + rows_i[:, None] + cols_o[None, :], mask=mi[:, None] & mo[None, :], other=0.0).to(tl.float32)
+    dx = rn[:, None] * ghat - proj[:, None] * xo
+    out = dx_ptr + (b.to(tl.int64) * N + offs_i.to(tl.int64))[:, None] * D + offs_o[None, :]
+    tl.store(out, dx.to(dx_ptr.dtype.element_ty), mask=mi[:, None] & mo[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,30 +274,16 @@ def _fwd_config(device: torch.device, n: int, d: int, dtype: torch.dtype | None 
 
 def _bwd_config(device: torch.device, b: int, n: int, d: int, dtype: torch.dtype | None = None,
                 cc: int | None = None, sms: int | None = None) -> dict:
-    """Block sizes and column split of the backward (tests override this). dtype: of the tokens;
-    cc, sms: the GPU's compute capability and SM count (default: the device's)."""
+    """Block sizes of the backward (tests override this). The same for every GPU model (dtype,
+    cc and sms are accepted and unused: no SM-count split), so a given input gives the same bits
+    on any GPU. 64 x 32 tiles, 16-wide S chunks, 128-wide dx chunks, 8 warps: the largest that
+    ptxas compiles without spills for sm_80 and sm_90 with triton 3.6 and 3.8 (contiguous
+    tokens; 64 x 64 tiles or 256-wide chunks spill). At D = 768 each S tile is recomputed for 6
+    dx chunks. A "split" key (the previous column split) is ignored."""
     if device.type == "cuda":
-        cc = _capability(device) if cc is None else cc
-        block_d = 16 if _narrow_d(dtype, cc) else 32
-        block_m = 64
-        t_i = triton.cdiv(n, block_m)
-        if sms is None:
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
-        split = max(1, min(4, triton.cdiv(sms, b * t_i)))  # about one wave of programs
-        # 8 warps: no register spills with ptxas for sm_80 and sm_90 (4 warps spill)
-        return dict(block_m=block_m, block_n=64, block_d=block_d, block_do=block_d, split=split, num_warps=8,
-                    num_stages=2)
+        return dict(block_m=64, block_n=32, block_d=16, block_do=128, num_warps=8, num_stages=2)
     block, block_d = _pow2_clamp(n, 16, 256), _pow2_clamp(d, 16, 256)
-    return dict(block_m=block, block_n=block, block_d=block_d, block_do=block_d, split=1, num_warps=4, num_stages=1)
-
-
-def _bwd_grid(cfg: dict, n: int) -> tuple[int, int, int, int]:
-    """(row tiles, column tiles, column tiles per split, splits) of the backward."""
-    t_i = triton.cdiv(n, cfg["block_m"])
-    t_j = triton.cdiv(n, cfg["block_n"])
-    per_split = max(1, triton.cdiv(t_j, max(1, min(cfg["split"], t_j))))
-    split = max(1, triton.cdiv(t_j, per_split))  # every split gets at least one column tile
-    return t_i, t_j, per_split, split
+    return dict(block_m=block, block_n=block, block_d=block_d, block_do=block_d, num_warps=4, num_stages=1)
 
 
 _FINALIZE = dict(block_p=1024, num_warps=4)
@@ -341,6 +293,12 @@ def _rows_config(device: torch.device) -> dict:
     if device.type == "cuda":
         return dict(block_r=8, block_d=256, num_warps=4)
     return dict(block_r=256, block_d=256, num_warps=4)
+
+
+@functools.lru_cache(maxsize=64)
+def _upper_tiles(t: int, device: torch.device) -> torch.Tensor:
+    """The T (T + 1) / 2 tile pairs (ti, tj), tj >= ti, row-major: P x 2 int32."""
+    return torch.triu_indices(t, t).t().contiguous().to(device=device, dtype=torch.int32)
 
 
 def _affinity_forward(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: int):
@@ -353,8 +311,10 @@ def _affinity_forward(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: 
     block = cfg["block"]
     t = triton.cdiv(n, block)
     rn = torch.empty((b, n), dtype=torch.float32, device=dev)
-    psum = torch.empty((b * t * t, 2), dtype=torch.float32, device=dev)
-    pcnt = torch.empty((b * t * t, 2), dtype=torch.int32, device=dev)
+    tiles = _upper_tiles(t, dev)
+    n_tiles = tiles.shape[0]
+    psum = torch.empty((b * n_tiles, 2), dtype=torch.float32, device=dev)
+    pcnt = torch.empty((b * n_tiles, 2), dtype=torch.int32, device=dev)
     loss = torch.empty((), dtype=torch.float32, device=dev)
     coef = torch.empty((2,), dtype=torch.float32, device=dev)
     sxb, sxn, sxd = tokens.stride()
@@ -365,12 +325,12 @@ def _affinity_forward(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: 
                 tokens, rn, b * n, n, d, sxb, sxn, sxd, NORM_EPS,
                 BLOCK_R=rcfg["block_r"], BLOCK_D=rcfg["block_d"], num_warps=rcfg["num_warps"],
             )
-            _affinity_fwd_kernel[(t, t, b)](
-                tokens, labels, rn, psum, pcnt, n, d, ignore_index, sxb, sxn, sxd, slb, sln,
+            _affinity_fwd_kernel[(n_tiles, b)](
+                tokens, labels, rn, tiles, psum, pcnt, n, d, ignore_index, sxb, sxn, sxd, slb, sln,
                 BLOCK=block, BLOCK_D=cfg["block_d"], UPCAST=upcast, DOT_PREC=prec,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )
-        _affinity_finalize_kernel[(1,)](psum, pcnt, b * t * t, loss, coef, BLOCK_P=_FINALIZE["block_p"],
+        _affinity_finalize_kernel[(1,)](psum, pcnt, b * n_tiles, loss, coef, BLOCK_P=_FINALIZE["block_p"],
                                         num_warps=_FINALIZE["num_warps"])
     return loss, coef, rn
 
@@ -381,27 +341,21 @@ def _affinity_backward(grad: torch.Tensor, tokens: torch.Tensor, labels: torch.T
     b, n, d = tokens.shape
     dev = tokens.device
     cfg = _bwd_config(dev, b, n, d, dtype=tokens.dtype)
-    rcfg = _rows_config(dev)
     upcast, prec = _dot_config(tokens.dtype, dev, F32_DOT)
-    t_i, t_j, per_split, split = _bwd_grid(cfg, n)
-    scratch = torch.empty((split, b, n, d), dtype=torch.float32, device=dev)
     dx = torch.empty((b, n, d), dtype=tokens.dtype, device=dev)
     if dx.numel() == 0:
         return dx
     grad = grad.reshape(()).to(device=dev)
     sxb, sxn, sxd = tokens.stride()
     slb, sln = labels.stride()
+    grid = (triton.cdiv(d, cfg["block_do"]), triton.cdiv(n, cfg["block_m"]), b)
     with _device_ctx(tokens):
-        _affinity_bwd_kernel[(t_i, b, split)](
-            tokens, labels, rn, coef, grad, scratch,
-            b, n, d, ignore_index, sxb, sxn, sxd, slb, sln, t_j, per_split,
+        _affinity_bwd_kernel[grid](
+            tokens, labels, rn, coef, grad, dx,
+            n, d, ignore_index, sxb, sxn, sxd, slb, sln, NORM_EPS,
             BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_D=cfg["block_d"], BLOCK_DO=cfg["block_do"],
             UPCAST=upcast, DOT_PREC=prec, DOT_PREC_F32=_dot_config(torch.float32, dev, F32_DOT)[1],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
-        _affinity_norm_bwd_kernel[(triton.cdiv(b * n, rcfg["block_r"]),)](
-            tokens, scratch, dx, b * n, n, d, split, b * n * d, sxb, sxn, sxd, NORM_EPS,
-            BLOCK_R=rcfg["block_r"], BLOCK_D=rcfg["block_d"], num_warps=rcfg["num_warps"],
         )
     return dx
 
@@ -479,9 +433,9 @@ def aot_configs(case) -> list:
     prec_f32 = _dot_config(torch.float32, dev, F32_DOT, cuda=True)[1]
     dtype = TORCH_DTYPE[case.dtype]
     fcfg, rcfg = _fwd_config(dev, n, d, dtype=dtype, cc=case.cc), _rows_config(dev)
-    bcfg = _bwd_config(dev, b, n, d, dtype=dtype, cc=case.cc, sms=_AOT_SMS[case.cc])
+    bcfg = _bwd_config(dev, b, n, d, dtype=dtype, cc=case.cc)
     t = triton.cdiv(n, fcfg["block"])
-    _, t_j, per_split, split = _bwd_grid(bcfg, n)
+    n_tiles = t * (t + 1) // 2
     x = dict(sxb=n * d, sxn=d, sxd=1)
     lab = dict(slb=n, sln=1)
     shapes = f"B{b} N{n} D{d}"
@@ -490,24 +444,18 @@ def aot_configs(case) -> list:
         aot_kernel("affinity_rownorm", _affinity_rownorm_kernel, dict(x_ptr=xp, rn_ptr="*fp32", **rows),
                    rcfg["num_warps"], DEFAULT_STAGES, shapes),
         aot_kernel("affinity_fwd", _affinity_fwd_kernel, dict(
-            x_ptr=xp, lab_ptr="*i64", rn_ptr="*fp32", psum_ptr="*fp32", pcnt_ptr="*i32", N=n, D=d, ignore_index=255,
+            x_ptr=xp, lab_ptr="*i64", rn_ptr="*fp32", tiles_ptr="*i32", psum_ptr="*fp32", pcnt_ptr="*i32", N=n, D=d,
+            ignore_index=255,
             **x, **lab, BLOCK=fcfg["block"], BLOCK_D=fcfg["block_d"], UPCAST=upcast, DOT_PREC=prec,
         ), fcfg["num_warps"], fcfg["num_stages"], shapes),
         aot_kernel("affinity_finalize", _affinity_finalize_kernel, dict(
-            psum_ptr="*fp32", pcnt_ptr="*i32", P=b * t * t, loss_ptr="*fp32", coef_ptr="*fp32",
+            psum_ptr="*fp32", pcnt_ptr="*i32", P=b * n_tiles, loss_ptr="*fp32", coef_ptr="*fp32",
             BLOCK_P=_FINALIZE["block_p"],
         ), _FINALIZE["num_warps"], DEFAULT_STAGES, shapes),
         aot_kernel("affinity_bwd", _affinity_bwd_kernel, dict(
-            x_ptr=xp, lab_ptr="*i64", rn_ptr="*fp32", coef_ptr="*fp32", gout_ptr="*fp32", g_ptr="*fp32",
-            B=b, N=n, D=d, ignore_index=255, **x, **lab, T=t_j, TILES_PER_SPLIT=per_split,
+            x_ptr=xp, lab_ptr="*i64", rn_ptr="*fp32", coef_ptr="*fp32", gout_ptr="*fp32", dx_ptr=xp,
+            N=n, D=d, ignore_index=255, **x, **lab, eps=NORM_EPS,
             BLOCK_M=bcfg["block_m"], BLOCK_N=bcfg["block_n"], BLOCK_D=bcfg["block_d"], BLOCK_DO=bcfg["block_do"],
             UPCAST=upcast, DOT_PREC=prec, DOT_PREC_F32=prec_f32,
-        ), bcfg["num_warps"], bcfg["num_stages"], f"{shapes} split {split}"),
-        aot_kernel("affinity_norm_bwd", _affinity_norm_bwd_kernel, dict(
-            x_ptr=xp, g_ptr="*fp32", dx_ptr=xp, SPLIT=split, split_stride=b * n * d,
-            **{k: v for k, v in rows.items()},
-        ), rcfg["num_warps"], DEFAULT_STAGES, shapes),
+        ), bcfg["num_warps"], bcfg["num_stages"], shapes),
     ]
-
-
-_AOT_SMS = {80: 108, 90: 132}  # A100, H100 / H200 SXM: the backward's column split

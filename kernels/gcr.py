@@ -51,13 +51,15 @@ Kernels (no B x K x k x D or B x K x L x D tensor exists, forward or backward):
    (da, S, G -> ds; du -> dp -> dw; du, dw -> dh), recomputing g each time instead of
    storing it; writes dh and the per-edge scalars ds, dw (and S, G for "published"),
    B x K x k each.
-5. The index map is inverted with a stable torch.sort of the B x (K k) flat indices and a
-   searchsorted for the node offsets (a CSR per image; within a node, edges ascend in their
-   flat position i k + j). Deterministic: a stable sort has one answer.
-6. `_gcr_backward_nodes_kernel`, grid (cdiv(L, ROWS), B): each program owns ROWS node rows
-   and walks their (contiguous) CSR range in chunks of SEG edges; each chunk's [SEG, BLOCK_D]
-   tile of C_ij is summed into its node rows by a one-hot tl.dot in registers. No atomics:
-   the scatter is deterministic; rows nobody selected get zeros.
+5. The index map is inverted with a stable torch.sort of the B x (K k) flat indices (per
+   image, edges grouped by node, ascending in their flat position i k + j within a node), the
+   run index of each edge, and the bounds of the edge chunks by node-run starts.
+   Deterministic: a stable sort has one answer.
+6. `_gcr_backward_nodes_kernel`, grid (D chunks, edge chunks + zero-row blocks, B): each
+   program takes the node runs starting in its chunk of SEG sorted edges (at most SEG + K - 1
+   edges whatever the distribution) for BLOCK_D columns; the C_ij tile is summed into its runs
+   by a one-hot tl.dot in registers, each finished run stored once. The zero-row programs
+   write the rows nobody selected. No atomics: the scatter is deterministic.
 Memory beyond the inputs and outputs: the B x K x L logits (forward only), and B x K x k
 scalars (idx, p, a saved; ds, dw, S, G and the CSR in the backward).
 
@@ -394,55 +396,66 @@ def _gcr_backward_rows_kernel(
 
 @triton.jit
 def _gcr_backward_nodes_kernel(
-    dm_ptr, h_ptr, e_ptr, de_ptr, order_ptr, nodes_ptr, offsets_ptr,
+    dm_ptr, h_ptr, e_ptr, de_ptr, order_ptr, nodes_ptr, run_ptr, bounds_ptr, has_ptr,
     p_ptr, att_ptr, ds_ptr, dw_ptr, snb_ptr, sg_ptr,
-    K, L, D, k,
+    K, L, D, k, NCH,
     s_gb, s_gk, s_gd,
     s_hb, s_hk, s_hd,
     s_eb, s_el, s_ed,
     s_db, s_dl, s_dd,
-    ROWS: tl.constexpr, SEG: tl.constexpr, BLOCK_D: tl.constexpr,
+    SUB: tl.constexpr, ZROWS: tl.constexpr, BLOCK_D: tl.constexpr,
     PUBLISHED: tl.constexpr, CDT: tl.constexpr,
 ):
-    """de for the node rows l0 .. l0 + ROWS - 1 of image b: row l sums C_ij over the edges
-    (i, j) with idx_ij = l,
+    """de[b, l, d0:d0 + BLOCK_D]: row l sums C_ij over the edges (i, j) with idx_ij = l,
 
         C_ij = a_ij dM_i + (dw_ij / sqrt(D)) h_i + p_ij du_ij + (published: ds_ij G_ij 1 ;
                dot: ds_ij g_ij),   du_ij = (published: ds_ij S_ij ; dot: ds_ij e_l) (1 - g_ij^2),
         g_ij = tanh((2 - p_ij) h_i + p_ij e_l).
 
-    The edges come from the CSR of the inverted index map: positions offsets[b, l0] ..
-    offsets[b, l0 + ROWS] of (order, nodes) hold the flat edge ids i k + j of these rows,
-    grouped by node, ascending within a node. They are processed in chunks of SEG edges; the
-    [SEG, BLOCK_D] tile of C is summed into its rows by a one-hot [ROWS, SEG] tl.dot (exact
-    products, a fixed accumulation order). Only this program writes these rows (zeros where
-    nobody selected the node): deterministic, no atomics."""
-    b = tl.program_id(1).to(tl.int64)
-    r0 = tl.program_id(0) * ROWS
-    rows = r0 + tl.arange(0, ROWS)
-    row_ok = rows < L
-    off_row = offsets_ptr + b * (L + 1)
-    start = tl.load(off_row + r0)
-    end = tl.load(off_row + tl.minimum(r0 + ROWS, L))
-    edge_base = b * K * k
-    de_rows = de_ptr + b * s_db + rows.to(tl.int64)[:, None] * s_dl
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        d_ok = dd < D
-        ddl = dd.to(tl.int64)
-        acc = tl.zeros([ROWS, BLOCK_D], dtype=CDT)
-        for s0 in range(start, end, SEG):
-            pos = s0 + tl.arange(0, SEG)
-            s_ok = pos < end
+    Grid (D chunks, NCH edge chunks + cdiv(L, ZROWS) zero-row blocks, B). The work follows the
+    EDGES, not the node rows, so it stays balanced whatever the edge distribution (at the start
+    of training every class row picks the same k nodes): the per-image edge list, sorted by node
+    (positions of (order, nodes); run = the index of the node's run), is cut into NCH chunks, and
+    chunk c owns the node runs that START in it, edges bounds[c] .. bounds[c + 1] - 1. A run
+    has at most K edges (a class row selects a node once), so no program walks more than
+    SEG + K - 1 edges for a mean of SEG. The edges are taken SUB at a time: a one-hot
+    [SUB runs, SUB edges] tl.dot (exact products, fixed order) sums the [SUB, BLOCK_D] tile of C
+    into its runs, a run cut by the sub-chunk boundary carries its partial sum into the next
+    one, and each finished run is stored to its row once. The zero-row programs write zeros
+    to the rows nobody selected (has = 0). Every row has one writer: deterministic, no atomics.
+    """
+    pid = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    dd = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = dd < D
+    ddl = dd.to(tl.int64)
+    de_b = de_ptr + b * s_db + ddl[None, :] * s_dd
+    if pid >= NCH:
+        rows = (pid - NCH) * ZROWS + tl.arange(0, ZROWS)
+        row_ok = rows < L
+        has = tl.load(has_ptr + b * L + rows, mask=row_ok, other=1)
+        zero = tl.zeros([ZROWS, BLOCK_D], dtype=de_ptr.dtype.element_ty)
+        tl.store(de_b + rows.to(tl.int64)[:, None] * s_dl, zero, mask=(row_ok & (has == 0))[:, None] & d_ok[None, :])
+    else:
+        lo = tl.load(bounds_ptr + b * (NCH + 1) + pid)
+        hi = tl.load(bounds_ptr + b * (NCH + 1) + pid + 1)
+        edge_base = b * K * k
+        ranks = tl.arange(0, SUB)
+        carry = tl.zeros([BLOCK_D], dtype=CDT)
+        for s0 in range(lo, hi, SUB):
+            pos = s0 + ranks
+            s_ok = pos < hi
             f = tl.load(order_ptr + edge_base + pos, mask=s_ok, other=0)
             node = tl.load(nodes_ptr + edge_base + pos, mask=s_ok, other=-1)
+            run0 = tl.load(run_ptr + edge_base + s0)
+            rank = tl.where(s_ok, tl.load(run_ptr + edge_base + pos, mask=s_ok, other=0) - run0, SUB)
             i = f // k
             eid = edge_base + f
             p = tl.load(p_ptr + eid, mask=s_ok, other=0.0)
             att = tl.load(att_ptr + eid, mask=s_ok, other=0.0)
             ds = tl.load(ds_ptr + eid, mask=s_ok, other=0.0)
             dw = tl.load(dw_ptr + eid, mask=s_ok, other=0.0)
-            sqrt_d = tl.sqrt(tl.zeros([SEG], dtype=CDT) + D)
+            sqrt_d = tl.sqrt(tl.zeros([SUB], dtype=CDT) + D)
             tile_ok = s_ok[:, None] & d_ok[None, :]
             ev = tl.load(e_ptr + b * s_eb + node.to(tl.int64)[:, None] * s_el + ddl[None, :] * s_ed,
                          mask=tile_ok, other=0.0).to(CDT)
@@ -457,9 +470,17 @@ def _gcr_backward_nodes_kernel(
             else:
                 c += ds[:, None] * g + (p * ds)[:, None] * ev * (1.0 - g * g)
             c = tl.where(tile_ok, c, 0.0)
-            onehot = tl.where((node[None, :] == rows[:, None]) & s_ok[None, :], 1.0, 0.0).to(CDT)
-            acc = tl.dot(onehot, c, acc=acc, input_precision="ieee", out_dtype=CDT)
-        tl.store(de_rows + ddl[None, :] * s_dd, acc.to(de_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+            hit = rank[None, :] == ranks[:, None]  # [runs, edges]
+            acc = tl.dot(tl.where(hit, 1.0, 0.0).to(CDT), c, input_precision="ieee", out_dtype=CDT)
+            acc += tl.where(ranks[:, None] == 0, carry[None, :], 0.0)
+            last = tl.max(tl.where(s_ok, rank, -1), axis=0)
+            nxt = s0 + SUB
+            cont = tl.load(run_ptr + edge_base + nxt, mask=nxt < hi, other=-1) == run0 + last
+            run_node = tl.max(tl.where(hit, node[None, :], -1), axis=1)
+            done = (ranks <= last) & ((ranks != last) | ~cont)
+            tl.store(de_b + run_node.to(tl.int64)[:, None] * s_dl, acc.to(de_ptr.dtype.element_ty),
+                     mask=done[:, None] & d_ok[None, :])
+            carry = tl.where(cont, tl.sum(tl.where(ranks[:, None] == last, acc, 0.0), axis=0), 0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -501,15 +522,7 @@ def _topk_block(nodes: int, interp: bool) -> int:
     return max(16, min(triton.next_power_of_2(nodes), 4096 if interp else 1024))
 
 
-def _node_blocks(d: int, interp: bool) -> tuple[int, int, int]:
-    """(ROWS, SEG, BLOCK_D) of the node kernel: 32 x 32 one-hot dot into a 32 x 32 block of de
-    on a GPU (sm_90: 143 registers at 4 warps with num_stages=1; the default software
-    pipelining of the dot loop spilled)."""
-    rows, seg = (64, 64) if interp else (32, 32)
-    return rows, seg, max(16, min(triton.next_power_of_2(max(d, 1)), 256 if interp else 32))
-
-
-_LOGITS_WARPS, _TOPK_WARPS, _NODE_WARPS, _NODE_STAGES = 4, 1, 4, 1
+_LOGITS_WARPS, _TOPK_WARPS, _NODE_WARPS, _NODE_STAGES = 4, 1, 8, 1
 
 
 def _forward(h: torch.Tensor, e: torch.Tensor, k: int, score: str, block_l: int | None = None):
@@ -564,6 +577,21 @@ def _forward(h: torch.Tensor, e: torch.Tensor, k: int, score: str, block_l: int 
     return m, idx, p, att
 
 
+def _node_config(ncls: int, d: int, interp: bool) -> tuple[int, int, int, int, int]:
+    """(SUB, SEG, BLOCK_D, ZROWS, num_warps) of the backward node kernel.
+
+    SEG (edges per chunk) is a multiple of SUB and at least K, so a program walks at most
+    SEG + K - 1 <= 2 SEG edges. D is on the grid (BLOCK_D columns per program, the D chunks of one
+    edge chunk side by side: they share its per-edge scalars in L2). 8 warps: at 4 the [SUB,
+    BLOCK_D] tiles take 230 registers with triton 3.6 (128 at 8; no spills either way, sm_80 /
+    sm_90, triton 3.6 / 3.8). num_stages=1: software pipelining of the sub-chunk loop spilled on
+    sm_90 (the previous kernel, same dot)."""
+    sub = 64 if interp else 32
+    seg = sub * max(2, triton.cdiv(ncls, sub))
+    block_d = max(16, min(triton.next_power_of_2(d), 256 if interp else 32))
+    return sub, seg, block_d, 64, _NODE_WARPS
+
+
 def _backward(grad_m, h, e, idx, p, att, k: int, score: str):
     """Launch the backward: (dh in h's dtype, de in e's dtype), both contiguous."""
     bsz, ncls, d = h.shape
@@ -583,11 +611,23 @@ def _backward(grad_m, h, e, idx, p, att, k: int, score: str):
     snb = torch.empty_like(ds) if published else ds  # unused for "dot"
     sg = torch.empty_like(ds) if published else ds
     # the inverted index map: per image, flat edge ids i k + j grouped by node, ascending
-    flat = idx.reshape(bsz, ncls * k)
+    edges = ncls * k
+    flat = idx.reshape(bsz, edges)
     sorted_nodes, order = torch.sort(flat, dim=1, stable=True)
-    bounds = torch.arange(nodes + 1, dtype=flat.dtype, device=h.device).expand(bsz, nodes + 1).contiguous()
-    offsets = torch.searchsorted(sorted_nodes, bounds)  # int64, B x (L + 1)
-    rows, seg, block_d_nodes = _node_blocks(d, interp)
+    first = torch.ones_like(sorted_nodes, dtype=torch.bool)
+    first[:, 1:] = sorted_nodes[:, 1:] != sorted_nodes[:, :-1]
+    run = torch.cumsum(first, dim=1, dtype=torch.int32) - 1  # each edge's node run
+    sub, seg, block_d_nodes, zrows, warps = _node_config(ncls, d, interp)
+    nch = triton.cdiv(edges, seg)
+    # chunk c owns the runs starting in [c seg, (c + 1) seg): its edges run from the first run
+    # start at or after c seg to the first at or after (c + 1) seg
+    pos = torch.arange(edges, device=h.device).expand(bsz, edges)
+    next_start = torch.where(first, pos, edges).flip(1).cummin(1).values.flip(1)
+    next_start = torch.cat([next_start, next_start.new_full((bsz, 1), edges)], dim=1)
+    cuts = (torch.arange(nch + 1, device=h.device) * seg).clamp(max=edges)
+    bounds = next_start[:, cuts].to(torch.int32).contiguous()  # B x (NCH + 1)
+    has = torch.zeros((bsz, nodes), dtype=torch.int8, device=h.device)
+    has.scatter_(1, flat.long(), 1)
     with _device_ctx(h):
         _gcr_backward_rows_kernel[(bsz * ncls,)](
             grad_m, h, e, idx, p, att,
@@ -598,14 +638,14 @@ def _backward(grad_m, h, e, idx, p, att, k: int, score: str):
             PUBLISHED=published, CDT=_tl_dtype(h.dtype),
             num_warps=_ROW_WARPS,
         )
-        _gcr_backward_nodes_kernel[(triton.cdiv(nodes, rows), bsz)](
-            grad_m, h, e, de, order, sorted_nodes, offsets,
+        _gcr_backward_nodes_kernel[(triton.cdiv(d, block_d_nodes), nch + triton.cdiv(nodes, zrows), bsz)](
+            grad_m, h, e, de, order, sorted_nodes, run, bounds, has,
             p, att, ds, dw, snb, sg,
-            ncls, nodes, d, k,
+            ncls, nodes, d, k, nch,
             *grad_m.stride(), *h.stride(), *e.stride(), *de.stride(),
-            ROWS=rows, SEG=seg, BLOCK_D=block_d_nodes,
+            SUB=sub, ZROWS=zrows, BLOCK_D=block_d_nodes,
             PUBLISHED=published, CDT=_tl_dtype(h.dtype),
-            num_warps=_NODE_WARPS, num_stages=_NODE_STAGES,
+            num_warps=warps, num_stages=_NODE_STAGES,
         )
     return dh, de
 
@@ -698,7 +738,7 @@ def aot_configs(case, score: str = "published", topk_ratio: float = 0.5) -> list
     upcast, precision = _dot_config(dt, dev, F32_DOT, compute=cdt, cuda=True)
     block_m, block_n, block_k = _logits_blocks(False)
     kpad, block_d = _row_blocks(k, d, False)
-    rows, seg, block_d_nodes = _node_blocks(d, False)
+    sub, seg, block_d_nodes, zrows, node_warps = _node_config(ncls, d, False)
     published = score == "published"
     hs = dict(s_hb=ncls * d, s_hk=d, s_hd=1)
     es = dict(s_eb=nodes * d, s_el=d, s_ed=1)
@@ -722,9 +762,10 @@ def aot_configs(case, score: str = "published", topk_ratio: float = 0.5) -> list
             s_db=ncls * d, s_dk=d, s_dd=1, KPAD=kpad, BLOCK_D=block_d, PUBLISHED=published, **cfg,
         ), _ROW_WARPS, DEFAULT_STAGES, shapes),
         aot_kernel("gcr_bwd_nodes", _gcr_backward_nodes_kernel, dict(
-            dm_ptr=tp, h_ptr=tp, e_ptr=tp, de_ptr=tp, order_ptr="*i64", nodes_ptr="*i32", offsets_ptr="*i64",
-            p_ptr=cp, att_ptr=cp, ds_ptr=cp, dw_ptr=cp, snb_ptr=cp, sg_ptr=cp, K=ncls, L=nodes, D=d, k=k,
+            dm_ptr=tp, h_ptr=tp, e_ptr=tp, de_ptr=tp, order_ptr="*i64", nodes_ptr="*i32", run_ptr="*i32",
+            bounds_ptr="*i32", has_ptr="*i8", p_ptr=cp, att_ptr=cp, ds_ptr=cp, dw_ptr=cp, snb_ptr=cp, sg_ptr=cp,
+            K=ncls, L=nodes, D=d, k=k, NCH=triton.cdiv(ncls * k, seg),
             s_gb=ncls * d, s_gk=d, s_gd=1, **hs, **es, s_db=nodes * d, s_dl=d, s_dd=1,
-            ROWS=rows, SEG=seg, BLOCK_D=block_d_nodes, PUBLISHED=published, **cfg,
-        ), _NODE_WARPS, _NODE_STAGES, shapes),
+            SUB=sub, ZROWS=zrows, BLOCK_D=block_d_nodes, PUBLISHED=published, **cfg,
+        ), node_warps, _NODE_STAGES, shapes),
     ]

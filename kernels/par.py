@@ -11,10 +11,13 @@ coordinates are clamped to the image = replicate padding):
     A_j(p)   = softmax_j(a(p))_j + 0.01 * softmax_j(-(dist_j / (std(dist) + 1e-8) / 0.3)^2)
     m_c(p)  <- sum_j A_j(p) * m_c(n_j(p))                              num_iter times
 
-The affinity A (B x J x H x W, fp32) is computed ONCE per image and shared by every mask channel
-(the two background-threshold mask sets are concatenated along C by the caller). Each iteration
-is one launch over (pixel tile, channel block, image) that reads the previous masks and A and
-writes the other of two ping-pong buffers, so no B x C x J x H x W tensor ever exists.
+The affinity A (B x J x H x W, bf16 by default, fp32 on request: `affinity_dtype`) is computed
+ONCE per image, in fp32, and shared by every mask channel (the two background-threshold mask sets
+are concatenated along C by the caller). Each iteration is one launch over (channel block fastest,
+pixel tile; image) that reads the previous masks and A and writes the other of two fp32 ping-pong
+buffers, so no B x C x J x H x W tensor ever exists. Bytes per call: image read once, A written
+once, then per iteration A read once and the masks read and written once (bench/test_par.py
+states them per production shape).
 
 No gradient flows through PAR: the op has no autograd formula, and the public function detaches
 its inputs, so the refined masks never require grad.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Sequence
 
 import torch
@@ -41,18 +45,34 @@ _W2 = 0.01  # weight of the spatial affinity
 # Triton kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """x (fp32) in `dtype`; bf16 rounds to nearest even by integer arithmetic, because the Triton
+    interpreter's fp32 -> bf16 cast truncates (a biased -2^-9 on average per weight, which ten
+    iterations compound), while the GPU's cvt.rn rounds to nearest: same bits on both."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
 def _par_affinity_kernel(
-    img_ptr, dy_ptr, dx_ptr, pos_ptr, aff_ptr,
-    H, W, J, CI,
+    img_ptr, pos_ptr, aff_ptr,
+    H, W, CI,
     s_ib, s_ic, s_ih, s_iw,
+    DY: tl.constexpr, DX: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """A[b, j, p] for one tile of BLOCK_P pixels of image b, all J neighbours at once.
+    """A[b, j, p] for one tile of BLOCK_P pixels of image b, all J = len(DY) neighbours at once.
 
     a_j(p) = -(1/CI) sum_k (|I_k(n_j(p)) - I_k(p)| / (std_k(p) + 1e-8) / 0.3)^2, std_k the
     unbiased std over the J neighbours (two-pass, in registers); A = softmax_j(a) + pos_j, pos the
-    precomputed 0.01 * spatial softmax. Output fp32, contiguous B x J x HW. No gradient.
+    precomputed 0.01 * spatial softmax. Computed in fp32, stored in aff_ptr's dtype (fp32 or
+    bf16), contiguous B x J x HW. No gradient.
     """
+    J: tl.constexpr = len(DY)
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     hw = H * W
@@ -62,8 +82,12 @@ def _par_affinity_kernel(
     col = offs_p % W
     offs_j = tl.arange(0, BLOCK_J)
     mask_j = offs_j < J
-    dy = tl.load(dy_ptr + offs_j, mask=mask_j, other=0)
-    dx = tl.load(dx_ptr + offs_j, mask=mask_j, other=0)
+    # the offset table is compile-time: J selects once per program instead of J loads
+    dy = tl.zeros([BLOCK_J], dtype=tl.int32)
+    dx = tl.zeros([BLOCK_J], dtype=tl.int32)
+    for j in tl.static_range(J):
+        dy = tl.where(offs_j == j, DY[j], dy)
+        dx = tl.where(offs_j == j, DX[j], dx)
     nrow = tl.minimum(tl.maximum(row[None, :] + dy[:, None], 0), H - 1)
     ncol = tl.minimum(tl.maximum(col[None, :] + dx[:, None], 0), W - 1)
     nb_off = nrow.to(tl.int64) * s_ih + ncol.to(tl.int64) * s_iw  # BLOCK_J x BLOCK_P
@@ -89,27 +113,36 @@ def _par_affinity_kernel(
     pos = tl.load(pos_ptr + offs_j, mask=mask_j, other=0.0)
     aff = soft + pos[:, None]
     out = aff_ptr + b * J * hw + offs_j.to(tl.int64)[:, None] * hw + offs_p[None, :]
-    tl.store(out, aff, mask=mask2)
+    tl.store(out, _round_to(aff, aff_ptr.dtype.element_ty), mask=mask2)
 
 
 @triton.jit
 def _par_step_kernel(
-    src_ptr, aff_ptr, dy_ptr, dx_ptr, dst_ptr,
-    H, W, J, C,
+    src_ptr, aff_ptr, dst_ptr,
+    H, W, C,
     s_b, s_c, s_h, s_w,
+    DILS: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """One propagation step for BLOCK_C channels x BLOCK_P pixels of image b:
 
-        dst[b, c, p] = sum_j A[b, j, p] * src[b, c, n_j(p)]
+        dst[b, c, p] = sum_j A[b, j, p] * src[b, c, n_j(p)]      (fp32 accumulation)
+
+    The channel block is the FASTEST grid axis: the programs of one pixel tile run side by side,
+    so its affinity tile comes from DRAM once and the other channel blocks hit it in L2, and the
+    resident programs cover a narrow band of rows whose +-max|dy| neighbourhood (every channel)
+    stays in L2, so each mask element is fetched from DRAM about once per step.
 
     src has any strides and float dtype (the user's masks on the first step, an fp32 ping-pong
-    buffer afterwards); dst is fp32 contiguous B x C x HW. Reads and writes distinct buffers, so
-    programs never race. No gradient.
+    buffer afterwards); A is fp32 or bf16; dst is fp32 contiguous B x C x HW. Reads and writes
+    distinct buffers, so programs never race. The dilations are a compile-time table (no loads).
     """
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    ND: tl.constexpr = len(DILS)
+    J: tl.constexpr = 8 * ND
+    n_cblk = tl.cdiv(C, BLOCK_C)
+    pid_c = tl.program_id(0) % n_cblk
+    pid_p = tl.program_id(0) // n_cblk
+    b = tl.program_id(1).to(tl.int64)
     hw = H * W
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < hw
@@ -119,16 +152,22 @@ def _par_step_kernel(
     mask_c = offs_c < C
     mask2 = mask_c[:, None] & mask_p[None, :]
     src = src_ptr + b * s_b + offs_c.to(tl.int64)[:, None] * s_c  # BLOCK_C x 1 pointers
-    aff = aff_ptr + b * J * hw + offs_p  # advanced by HW per neighbour (64-bit pointers)
+    aff = aff_ptr + b * J * hw + offs_p
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    # a runtime loop over the J neighbours: unrolled, the scheduler hoists the gathers of several
+    # neighbours at once (each a BLOCK_C x BLOCK_P tile of 64-bit addresses): 255 registers, spills
     for j in range(J):
-        dy = tl.load(dy_ptr + j)
-        dx = tl.load(dx_ptr + j)
-        nrow = tl.minimum(tl.maximum(row + dy, 0), H - 1)
-        ncol = tl.minimum(tl.maximum(col + dx, 0), W - 1)
-        a = tl.load(aff, mask=mask_p, other=0.0)
-        aff += hw
-        m = tl.load(src + (nrow.to(tl.int64) * s_h + ncol.to(tl.int64) * s_w)[None, :], mask=mask2, other=0.0)
+        di = j // 8
+        q = j % 8
+        q = q + (q >= 4)  # skip the centre of the 3 x 3 pattern: _BASE_OFFSETS order
+        d = DILS[0]
+        for i in tl.static_range(1, ND):
+            d = tl.where(di == i, DILS[i], d)
+        nrow = tl.minimum(tl.maximum(row + (q // 3 - 1) * d, 0), H - 1)
+        ncol = tl.minimum(tl.maximum(col + (q % 3 - 1) * d, 0), W - 1)
+        a = tl.load(aff + j * hw, mask=mask_p, other=0.0).to(tl.float32)
+        off = nrow.to(tl.int64) * s_h + ncol.to(tl.int64) * s_w
+        m = tl.load(src + off[None, :], mask=mask2, other=0.0)
         acc += a[None, :] * m.to(tl.float32)
     dst = dst_ptr + b * C * hw + offs_c.to(tl.int64)[:, None] * hw + offs_p[None, :]
     tl.store(dst, acc, mask=mask2)
@@ -137,12 +176,37 @@ def _par_step_kernel(
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-_AFF_BLOCK_P = 64
+_AFF_BLOCK_P = 32
 _STEP_BLOCK_P = 128
+_AFFINITY_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+_DEFAULT_AFFINITY = "bf16"
+AFFINITY_ENV = "MORE_FAST_PAR_AFFINITY"
+
+
+def affinity_dtype() -> torch.dtype:
+    """Storage dtype of the affinity between the two kernels: bf16 unless MORE_FAST_PAR_AFFINITY=fp32.
+
+    bf16 halves the bytes the J-neighbour weights cost per iteration. Each stored weight is the
+    fp32 value times (1 + d), |d| <= 2^-8, and weights and masks are >= 0, so after n iterations
+    every refined value lies within [(1 - 2^-8)^n, (1 + 2^-8)^n] times its exact value (up to
+    fp32 summation): about +-4% at the default n = 10, harmless to the argmax that consumes it.
+    "fp32" keeps the weights at fp32 accuracy (the kernels then agree with the reference to fp32
+    rounding).
+    """
+    name = os.environ.get(AFFINITY_ENV, _DEFAULT_AFFINITY).strip().lower() or _DEFAULT_AFFINITY
+    if name not in _AFFINITY_DTYPES:
+        raise ValueError(f"{AFFINITY_ENV}: expected one of {sorted(_AFFINITY_DTYPES)}, got {name!r}")
+    return _AFFINITY_DTYPES[name]
 
 
 def _offsets(dilations: Sequence[int]) -> list[tuple[int, int]]:
     return [(sy * d, sx * d) for d in dilations for sy, sx in _BASE_OFFSETS]
+
+
+def _offset_tables(dilations: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(DY, DX): the constexpr neighbour offset tables, J entries each."""
+    offs = _offsets(dilations)
+    return tuple(o[0] for o in offs), tuple(o[1] for o in offs)
 
 
 def _spatial_affinity(dilations: Sequence[int]) -> list[float]:
@@ -159,13 +223,9 @@ def _spatial_affinity(dilations: Sequence[int]) -> list[float]:
 
 
 @functools.lru_cache(maxsize=64)
-def _tables(dilations: tuple[int, ...], device: torch.device):
-    """(dy, dx) int32 and the spatial term fp32, J each, cached per dilation list and device."""
-    offs = _offsets(dilations)
-    dy = torch.tensor([o[0] for o in offs], dtype=torch.int32, device=device)
-    dx = torch.tensor([o[1] for o in offs], dtype=torch.int32, device=device)
-    pos = torch.tensor(_spatial_affinity(dilations), dtype=torch.float32, device=device)
-    return dy, dx, pos
+def _pos_table(dilations: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The spatial term, fp32, J entries, cached per dilation list and device."""
+    return torch.tensor(_spatial_affinity(dilations), dtype=torch.float32, device=device)
 
 
 def _check_int32_span(name: str, t: torch.Tensor) -> None:
@@ -174,34 +234,51 @@ def _check_int32_span(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected H * W < {2**31 // 64}, got {t.shape[2] * t.shape[3]}")
 
 
-def par_affinity_triton(image: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
-    """The PAR neighbour weights, B x J x H x W fp32 (the reference's `par_affinity`)."""
+def _affinity_config(j: int) -> tuple[int, int, int]:
+    """(BLOCK_J, BLOCK_P, num_warps) of the affinity kernel: several BLOCK_J x BLOCK_P tiles (int64
+    offsets, fp32 terms) are live at once; 8 warps keep them within ~150 registers (64 x 64 on 4
+    warps spills with triton 3.6)."""
+    return triton.next_power_of_2(j), _AFF_BLOCK_P, 8
+
+
+def par_affinity_triton(image: torch.Tensor, dilations: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The PAR neighbour weights, B x J x H x W in `dtype` (fp32 or bf16; the reference's `par_affinity`)."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype: expected torch.float32 or torch.bfloat16, got {dtype}")
     b, ci, h, w = image.shape
     dil = tuple(int(d) for d in dilations)
-    dy, dx, pos = _tables(dil, image.device)
-    j = dy.numel()
-    aff = torch.empty((b, j, h, w), dtype=torch.float32, device=image.device)
-    grid = (triton.cdiv(h * w, _AFF_BLOCK_P), b)
+    dy, dx = _offset_tables(dil)
+    pos = _pos_table(dil, image.device)
+    j = len(dy)
+    aff = torch.empty((b, j, h, w), dtype=dtype, device=image.device)
+    block_j, block_p, warps = _affinity_config(j)
+    grid = (triton.cdiv(h * w, block_p), b)
     with _device_ctx(image):
         _par_affinity_kernel[grid](
-            image, dy, dx, pos, aff,
-            h, w, j, ci,
+            image, pos, aff,
+            h, w, ci,
             *image.stride(),
-            BLOCK_J=triton.next_power_of_2(j), BLOCK_P=_AFF_BLOCK_P,
-            num_warps=4,
+            DY=dy, DX=dx,
+            BLOCK_J=block_j, BLOCK_P=block_p,
+            num_warps=warps,
         )
     return aff
 
 
-def _channel_block(c: int) -> int:
-    """Channel block minimizing padded channel loads + affinity re-reads (one per block)."""
+def _step_config(c: int) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_P, num_warps) of the step kernel.
+
+    BLOCK_C minimizes the padded channel loads plus a per-block cost of about two channels (each
+    block recomputes the J neighbour addresses and re-reads its affinity tile, from L2). Masked
+    padding channels cost issue slots, not DRAM bytes.
+    """
     best = None
     for bc in (2, 4, 8, 16, 32):
         nblk = triton.cdiv(c, bc)
-        cost = (nblk * bc + nblk, -bc)
+        cost = (nblk * (bc + 2), -bc)
         if best is None or cost < best[0]:
             best = (cost, bc)
-    return best[1]
+    return best[1], _STEP_BLOCK_P, 4
 
 
 def _par_refine_launch(image: torch.Tensor, masks: torch.Tensor, dilations: list[int], num_iter: int) -> torch.Tensor:
@@ -212,24 +289,24 @@ def _par_refine_launch(image: torch.Tensor, masks: torch.Tensor, dilations: list
         out.copy_(masks)
         return out
     dil = tuple(int(d) for d in dilations)
-    dy, dx, _ = _tables(dil, image.device)
-    j = dy.numel()
-    aff = par_affinity_triton(image, dil)
+    aff = par_affinity_triton(image, dil, affinity_dtype())
     bufs = [torch.empty((b, c, h, w), dtype=torch.float32, device=masks.device)]
     if num_iter > 1:
         bufs.append(torch.empty_like(bufs[0]))
-    block_c = _channel_block(c)
-    grid = (triton.cdiv(h * w, _STEP_BLOCK_P), triton.cdiv(c, block_c), b)
+    block_c, block_p, warps = _step_config(c)
+    # channel block fastest inside axis 0 (see _par_step_kernel); axis 0 has no 65535 limit
+    grid = (triton.cdiv(c, block_c) * triton.cdiv(h * w, block_p), b)
     src = masks
     with _device_ctx(masks):
         for it in range(num_iter):
             dst = bufs[it % 2]
             _par_step_kernel[grid](
-                src, aff, dy, dx, dst,
-                h, w, j, c,
+                src, aff, dst,
+                h, w, c,
                 *src.stride(),
-                BLOCK_C=block_c, BLOCK_P=_STEP_BLOCK_P,
-                num_warps=4,
+                DILS=dil,
+                BLOCK_C=block_c, BLOCK_P=block_p,
+                num_warps=warps,
             )
             src = dst
     return src
@@ -269,22 +346,25 @@ def par_refine(
 def aot_configs(case, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24)) -> list:
     """The kernels `par_refine` launches for `case` (a kernels._launch.AotCase): the fp32 image at
     case.H x case.W and 2 (K + 1) mask channels (the two background-threshold sets the caller
-    concatenates), contiguous, the default dilations."""
+    concatenates), contiguous, the default dilations, the affinity in its default storage dtype
+    (bf16)."""
     from ._launch import DEFAULT_STAGES, aot_kernel
 
-    warps = 4  # both launches above pass num_warps=4
     b, h, w = case.B, case.H, case.W
     c = 2 * (case.K + 1)
-    j = len(_offsets(tuple(int(d) for d in dilations)))
-    shapes = f"B{b} C{c} {h}x{w} J{j}"
-    block_c = _channel_block(c)
+    dil = tuple(int(d) for d in dilations)
+    dy, dx = _offset_tables(dil)
+    aff_ty = "*" + _DEFAULT_AFFINITY
+    shapes = f"B{b} C{c} {h}x{w} J{len(dy)}"
+    block_j, aff_block_p, aff_warps = _affinity_config(len(dy))
+    block_c, block_p, warps = _step_config(c)
     return [
         aot_kernel("par_affinity", _par_affinity_kernel, dict(
-            img_ptr="*fp32", dy_ptr="*i32", dx_ptr="*i32", pos_ptr="*fp32", aff_ptr="*fp32", H=h, W=w, J=j, CI=3,
-            s_ib=3 * h * w, s_ic=h * w, s_ih=w, s_iw=1, BLOCK_J=triton.next_power_of_2(j), BLOCK_P=_AFF_BLOCK_P,
-        ), warps, DEFAULT_STAGES, shapes),
+            img_ptr="*fp32", pos_ptr="*fp32", aff_ptr=aff_ty, H=h, W=w, CI=3,
+            s_ib=3 * h * w, s_ic=h * w, s_ih=w, s_iw=1, DY=dy, DX=dx, BLOCK_J=block_j, BLOCK_P=aff_block_p,
+        ), aff_warps, DEFAULT_STAGES, shapes),
         aot_kernel("par_step", _par_step_kernel, dict(
-            src_ptr="*fp32", aff_ptr="*fp32", dy_ptr="*i32", dx_ptr="*i32", dst_ptr="*fp32", H=h, W=w, J=j, C=c,
-            s_b=c * h * w, s_c=h * w, s_h=w, s_w=1, BLOCK_C=block_c, BLOCK_P=_STEP_BLOCK_P,
+            src_ptr="*fp32", aff_ptr=aff_ty, dst_ptr="*fp32", H=h, W=w, C=c,
+            s_b=c * h * w, s_c=h * w, s_h=w, s_w=1, DILS=dil, BLOCK_C=block_c, BLOCK_P=block_p,
         ), warps, DEFAULT_STAGES, shapes),
     ]

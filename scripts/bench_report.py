@@ -4,8 +4,10 @@
     pytest bench/ --benchmark-json bench.json
     python scripts/bench_report.py bench.json --command "pytest bench/ --benchmark-json bench.json"
 
-One row per case: test, variant, pass, shape, median ms, GB/s or TFLOP/s, peak memory, speedup
-and notes (img/s and MFU of the training step, overhead of the class-patch map over SDPA). The
+One row per case: test, variant, pass, shape, median ms, the op's floor at the H100's peak rates
+with the bound that sets it and the median's percentage of it (from the case's ideal byte / FLOP /
+transcendental counts, bench/common.py `floor`; "-" where the case has none), GB/s or TFLOP/s,
+peak memory, speedup and notes (img/s and MFU of the training step, overhead of the class-patch map over SDPA). The
 header line names the device, driver and clocks (from the cases' extra_info, bench/common.py
 device_info), torch / triton versions where recorded, the date of the run and the command.
 
@@ -29,7 +31,8 @@ from collections import Counter
 from typing import Iterable, Optional, Sequence
 
 BASELINES = ("reference_eager", "reference", "explicit")
-COLUMNS = ("test", "variant", "pass", "shape", "median ms", "GB/s or TFLOP/s", "peak MiB", "speedup", "notes")
+COLUMNS = ("test", "variant", "pass", "shape", "median ms", "H100 floor ms", "% of floor", "GB/s or TFLOP/s",
+           "peak MiB", "speedup", "notes")
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -144,6 +147,15 @@ def throughput(info: dict) -> str:
     return "; ".join(parts)
 
 
+def floor_cells(info: dict, ms: Optional[float]) -> tuple[str, str]:
+    """("<floor ms> (<bound>)", "<median's % of the floor>"), "-" for what is unknown."""
+    value = info.get("floor_ms")
+    if value is None:
+        return "-", "-"
+    cell = f"{_num(value)} ({info['floor_bound']})" if info.get("floor_bound") else _num(value)
+    return cell, (f"{_num(100.0 * value / ms)}%" if ms else "-")
+
+
 def peak_memory(info: dict) -> str:
     if info.get("peak_mem_MiB") is not None:
         return f"{_num(info['peak_mem_MiB'])} (total)"
@@ -256,7 +268,7 @@ def render(data: dict, command: Optional[str] = None, failed: Sequence[tuple[str
             ms = median_ms(bench)
             row = (test_name(bench), info.get("variant", bench.get("param") or ""), info.get("pass_", ""),
                    format_shape(info.get("shape")), _num(ms) if ms is not None else "-",
-                   throughput(info) or "-", peak_memory(info), speedup(bench, baselines),
+                   *floor_cells(info, ms), throughput(info) or "-", peak_memory(info), speedup(bench, baselines),
                    notes(info, header_threads) or "")
             lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
     else:

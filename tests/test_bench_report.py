@@ -36,7 +36,8 @@ def gpu_json(tmp_path):
         _bench("test_affinity_loss[reference_compiled-784]", 0.004, variant="reference_compiled", pass_="fwd+bwd",
                shape=OP_SHAPE, **{"GB/s": 31.25}, peak_extra_mem_MiB=20.0, **GPU),
         _bench("test_affinity_loss[fused-784]", 0.001, variant="fused", pass_="fwd+bwd", shape=OP_SHAPE,
-               **{"GB/s": 125.0, "TFLOP/s": 2.5}, peak_extra_mem_MiB=1.5, **GPU),
+               **{"GB/s": 125.0, "TFLOP/s": 2.5}, peak_extra_mem_MiB=1.5, floor_ms=0.25, floor_bound="memory",
+               **GPU),
         # another pass of the same shape: its own group, no baseline there
         _bench("test_affinity_loss[fused-784-fwd]", 0.0005, variant="fused", pass_="fwd", shape=OP_SHAPE, **GPU),
     ]
@@ -75,14 +76,16 @@ def test_table_rows_speedups_and_header(gpu_json):
     assert header_cells == list(report.COLUMNS)
     eager, compiled, fused, fused_fwd, ref_step, fast_step = (_cells(r) for r in rows)
     assert eager[:5] == ["affinity_loss", "reference_eager", "fwd+bwd", "B=4 N=784 D=768 dtype=float32", "10"]
-    assert eager[5] == "12.5 GB/s" and eager[6] == "40 (extra)" and eager[7] == "baseline"
-    assert compiled[7] == "2.50x vs reference_eager"
-    assert fused[5] == "125 GB/s; 2.5 TFLOP/s" and fused[6] == "1.5 (extra)"
-    assert fused[7] == "10.00x vs reference_eager"
-    assert fused_fwd[7] == "-" and fused_fwd[5] == "-" and fused_fwd[6] == "-"
-    assert ref_step[7] == "baseline" and ref_step[6] == "30,000 (total)"
-    assert fast_step[4] == "25" and fast_step[7] == "20.00x vs reference"
-    assert "160 img/s" in fast_step[8] and "MFU 28.6%" in fast_step[8] and "compile on" in fast_step[8]
+    assert eager[7] == "12.5 GB/s" and eager[8] == "40 (extra)" and eager[9] == "baseline"
+    assert compiled[9] == "2.50x vs reference_eager"
+    assert fused[7] == "125 GB/s; 2.5 TFLOP/s" and fused[8] == "1.5 (extra)"
+    assert fused[9] == "10.00x vs reference_eager"
+    assert fused[5:7] == ["0.25 (memory)", "25%"]  # 0.25 ms floor over the 1 ms median
+    assert eager[5:7] == ["-", "-"]  # no floor recorded: unknown, not zero
+    assert fused_fwd[9] == "-" and fused_fwd[7] == "-" and fused_fwd[8] == "-"
+    assert ref_step[9] == "baseline" and ref_step[8] == "30,000 (total)"
+    assert fast_step[4] == "25" and fast_step[9] == "20.00x vs reference"
+    assert "160 img/s" in fast_step[10] and "MFU 28.6%" in fast_step[10] and "compile on" in fast_step[10]
     assert "scales=1.0/0.5/0.75/1.5" in fast_step[3]
 
 
@@ -101,10 +104,10 @@ def test_cpu_header_overhead_note_and_missing_reference(tmp_path):
     assert text.startswith("**Device**: CPU (2 threads) | date 2026-01-02 03:04 UTC")
     assert "command" not in text.splitlines()[0]
     explicit, sdpa, extract, fast = (_cells(r) for r in _rows(text))
-    assert sdpa[7] == "2.00x vs explicit"
-    assert extract[8] == "+5.0% vs sdpa"
-    assert fast[7] == "n/a (no reference in the run)"
-    assert fast[8] == "1 CPU thread" and explicit[8] == ""
+    assert sdpa[9] == "2.00x vs explicit"
+    assert extract[10] == "+5.0% vs sdpa"
+    assert fast[9] == "n/a (no reference in the run)"
+    assert fast[10] == "1 CPU thread" and explicit[10] == ""
 
 
 def test_pipes_escaped_and_empty_input(tmp_path):
@@ -156,6 +159,62 @@ def test_main_merges_writes_and_reports_missing(tmp_path, gpu_json, capsys):
     captured = capsys.readouterr()
     assert "empty.json" in captured.err and "(skipped)" in captured.err
     assert len(_rows(captured.out)) == 2
+
+
+# ------------------------------------------------------------------ bench/common.py floors
+def _common():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_common", ROOT / "bench" / "common.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return module
+
+
+def test_floor_is_the_slowest_of_the_three_rates():
+    common = _common()
+    assert common.floor() == {}
+    mem = common.floor(nbytes=3.35e9)  # 3.35 GB at 3.35 TB/s
+    assert mem["floor_bound"] == "memory" and mem["floor_ms"] == pytest.approx(1.0)
+    both = common.floor(nbytes=3.35e9, flops=2 * 989e9)
+    assert both["floor_bound"] == "compute" and both["floor_ms"] == pytest.approx(2.0)
+    mufu = common.floor(nbytes=3.35e9, flops=989e9, transcendentals=3e-3 * 16 * 132 * 1.83e9)
+    assert mufu["floor_bound"] == "mufu" and mufu["floor_ms"] == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="non-negative memory count"):
+        common.floor(nbytes=-1.0)
+
+
+def test_measure_records_floor_and_percentage():
+    """measure() with a stand-in for pytest-benchmark's fixture: the floor, its bound and the
+    median's percentage of it land in extra_info (what the report's two columns read)."""
+    import types
+
+    common = _common()
+    calls = []
+
+    class FakeBenchmark:
+        extra_info: dict = {}
+        stats = types.SimpleNamespace(stats=types.SimpleNamespace(median=2e-3))
+
+        def pedantic(self, fn, rounds, iterations, warmup_rounds):
+            calls.append(rounds)
+            return fn()
+
+    bench = FakeBenchmark()
+    bench.extra_info = {}
+    common.measure(bench, lambda: 1, variant="fused", pass_="fwd", shape={"n": 1},
+                   nbytes=3.35e9, flops=1e9, rounds=1, warmup=0)
+    info = bench.extra_info
+    assert calls == [1]
+    assert info["floor_bound"] == "memory" and info["floor_ms"] == pytest.approx(1.0)
+    assert info["pct_of_floor"] == pytest.approx(50.0)  # 1 ms floor, 2 ms median
+    assert info["GB/s"] == pytest.approx(1675.0)
+    row = _cells(_rows(report.render({"benchmarks": [_bench("test_x", 2e-3, **info)]}))[0])
+    assert row[5:7] == ["1 (memory)", "50%"]
 
 
 # ------------------------------------------------------------------ scripts/gpu_check.sh (no GPU work)

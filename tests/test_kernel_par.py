@@ -11,9 +11,12 @@ from kernels import reference
 DIL = (1, 2, 4, 8, 12, 24)
 
 
-@pytest.fixture(autouse=True)
-def _triton(monkeypatch):
+@pytest.fixture(autouse=True, params=["bf16", "fp32"])
+def storage(request, monkeypatch):
+    """Every case runs with the affinity stored in bf16 (the default) and in fp32."""
     monkeypatch.setenv("MORE_FAST_KERNELS", "triton")
+    monkeypatch.setenv(par_mod.AFFINITY_ENV, request.param)
+    return request.param
 
 
 TOL = tol("par", torch.float32)
@@ -26,7 +29,15 @@ def _inputs(b, ci, c, h, w, dtype):
 
 
 def _ref(image, masks, dilations, num_iter):
-    return reference.par_refine(image.double(), masks.double(), dilations, num_iter)
+    """The float64 reference with its affinity rounded to the kernels' storage dtype: that rounding
+    is deliberate (bounded by test_affinity_rounding_bound); everything else must agree to fp32."""
+    if par_mod.affinity_dtype() == torch.float32:
+        return reference.par_refine(image.double(), masks.double(), dilations, num_iter)
+    aff = reference.par_affinity(image.double(), dilations).to(par_mod.affinity_dtype()).double()
+    m = masks.double()
+    for _ in range(num_iter):
+        m = (aff[:, None] * reference._neighbours(m, reference.par_offsets(dilations))).sum(2)
+    return m
 
 
 def test_dispatch_is_triton():
@@ -40,6 +51,28 @@ def test_affinity_matches_reference(dilations):
     ref = reference.par_affinity(image.double(), dilations)
     assert aff.shape == ref.shape == (2, 8 * len(dilations), 13, 17)
     assert _rel(aff, ref) <= TOL
+    # bf16 storage is the fp32 result rounded to nearest even, bit for bit (the interpreter's own
+    # cast truncates; the kernel rounds by integer arithmetic so every backend stores these bits)
+    assert torch.equal(par_mod.par_affinity_triton(image, dilations, torch.bfloat16), aff.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("num_iter", [1, 10])
+def test_affinity_rounding_bound(storage, num_iter):
+    """Stored weights are w (1 + d), |d| <= u (u = 2^-8 for bf16, 2^-24 for fp32); weights and masks
+    are >= 0, so n iterations stay within (1 +- u)^n of the exact refinement, elementwise, up to the
+    fp32 arithmetic: J-term sums and the weights' own evaluation, (J + 8) 2^-24 per iteration."""
+    image, masks = _inputs(2, 3, 5, 13, 17, torch.float32)
+    out = kernels.par_refine(image, masks, DIL, num_iter).double()
+    exact = reference.par_refine(image.double(), masks.double(), DIL, num_iter)
+    u = 2.0**-8 if storage == "bf16" else 2.0**-24
+    bound = (1 + u) ** num_iter - 1 + num_iter * (8 * len(DIL) + 8) * 2.0**-24
+    assert (out / exact - 1).abs().max().item() <= bound
+
+
+def test_affinity_storage_switch_rejects_unknown(monkeypatch):
+    monkeypatch.setenv(par_mod.AFFINITY_ENV, "fp16")
+    with pytest.raises(ValueError, match="MORE_FAST_PAR_AFFINITY"):
+        kernels.par_refine(*_inputs(1, 3, 2, 5, 6, torch.float32), DIL, 1)
 
 
 @pytest.mark.parametrize(
