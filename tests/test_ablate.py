@@ -42,7 +42,7 @@ def test_set_is_applied_last_and_the_last_repeat_wins():
     assert cfg.iters == 5 and cfg.w_ure == 0.4
     assert config_from_args(["--no-gcr"]).gcr is False and config_from_args([]).gcr is True
     # over the VOC recipe: the recipe's values stay unless set
-    cfg = config_from_args(["--data", "voc", "--data-root", str(REPO), "--set", "w_cre=0.5"])
+    cfg = config_from_args(["--data", "voc", "--data-root", str(REPO), "--pretrained", "none", "--set", "w_cre=0.5"])
     assert cfg.w_cre == 0.5 and cfg.w_ure == 0.1 and cfg.crop_size == 448
 
 
@@ -88,7 +88,7 @@ def test_unknown_field_from_the_command_line(tmp_path):
 def test_differs_from_recipe_lists_exactly_the_changed_fields():
     cfg = config_from_args(["--set", "gcr=off", "--set", "w_cre=0", "--out", "x", "--set", "cam_scales=1.0,0.5"])
     assert differs_from_recipe(cfg) == {"gcr": False, "w_cre": 0.0, "out": "x"}  # cam_scales is the recipe's
-    voc = config_from_args(["--data", "voc", "--data-root", str(REPO), "--out", "x"])
+    voc = config_from_args(["--data", "voc", "--data-root", str(REPO), "--out", "x", "--pretrained", "none"])
     assert differs_from_recipe(voc) == {"data_root": str(REPO), "out": "x"}
 
 

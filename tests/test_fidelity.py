@@ -283,7 +283,7 @@ def test_validation_uses_the_recipe_background(monkeypatch, tmp_path):
     fake = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), model=None, val_set=None, rank=0, world=1,
                            is_main=False, out=tmp_path, trainer=SimpleNamespace(amp_dtype=None),
                            log=lambda m: None, _write_metrics=lambda r: None)
-    loop.Trainer.evaluate(fake, 1)
+    loop.Trainer._evaluate(fake, 1)  # evaluate() only adds the backend context
     assert got["bkg"] == 0.5
 
 
