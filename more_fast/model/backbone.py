@@ -236,6 +236,8 @@ class MoReBackbone(nn.Module):
                                     drop_path_rate=0.0, **extra)
         except RuntimeError as err:
             raise ValueError(f"backbone: unknown timm model {name!r} ({err})") from None
+        except TypeError as err:  # a model family without the ViT arguments (depth, img_size, ...)
+            raise ValueError(f"backbone: {name!r} is not a ViT this adapter builds ({err})") from None
         why = _refusal(name, vit)
         if why is not None:
             raise ValueError(f"backbone: {name!r} cannot host MoRe's register and class tokens: {why}")
