@@ -77,8 +77,8 @@ def _refusal(name: str, vit: nn.Module) -> Optional[str]:
     for block in vit.blocks:
         attn_type = BLOCKS.get(type(block))
         if attn_type is None:
-            return (f"its {type(block).__name__} blocks ({type(block).__module__}) are not the token-sequence "
-                    "blocks this adapter runs (timm ViT, BEiT and EVA blocks)")
+            return (f"its blocks ({type(block).__module__}.{type(block).__name__}) are not token-sequence blocks "
+                    "this adapter can extend (timm's ViT, BEiT and EVA blocks)")
         if type(block.attn) is not attn_type:
             return f"its {type(block.attn).__name__} attention is not one this adapter runs"
     rope = getattr(vit, "rope", None)
