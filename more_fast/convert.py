@@ -109,7 +109,8 @@ def _named_grid(state: dict, n_patch_pos: int) -> int:
         if g * g != n_patch_pos:
             raise ValueError(f"encoder.pos_embed holds {n_patch_pos} patch positions, not a square grid")
         return g
-    for key in ("encoder.blocks.0.attn.relative_position_bias_table", "encoder.rel_pos_bias.relative_position_bias_table"):
+    for key in ("encoder.blocks.0.attn.relative_position_bias_table",
+                "encoder.rel_pos_bias.relative_position_bias_table"):
         if key in state:
             side = int(round((state[key].shape[0] - 3) ** 0.5))  # (2g - 1)^2 distances + 3 class-token entries
             if side * side + 3 != state[key].shape[0] or side % 2 == 0:

@@ -257,7 +257,8 @@ class MoReBackbone(nn.Module):
         for block in self.blocks:  # timm's own switch, for any code that calls the blocks directly
             block.attn.fused_attn = attn_impl == "sdpa"
         norm, fc_norm = vit.norm, getattr(vit, "fc_norm", None)
-        self.uses_fc_norm = isinstance(norm, nn.Identity) and fc_norm is not None and not isinstance(fc_norm, nn.Identity)
+        self.uses_fc_norm = (isinstance(norm, nn.Identity) and fc_norm is not None
+                             and not isinstance(fc_norm, nn.Identity))
         self.norm = fc_norm if self.uses_fc_norm else norm
         self.rope = getattr(vit, "rope", None)
         self.rel_pos_bias = getattr(vit, "rel_pos_bias", None)  # BEiT's shared table, if any
