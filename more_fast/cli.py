@@ -28,10 +28,7 @@ def _non_negative_int(text: str) -> int:
 
 
 def _crop(text: str) -> int:
-    value = _positive_int(text)
-    if value % 16:
-        raise argparse.ArgumentTypeError(f"expected a multiple of 16, got {text}")
-    return value
+    return _positive_int(text)  # a multiple of the patch size: checked once the backbone is known
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,9 +209,19 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     values.update(overrides)
     if "out" not in values:
         values["out"] = args.resume if args.resume else f"runs/{args.data}"
-    patch = args.patch_size or 16
+    patch = values.get("patch_size", TrainConfig.patch_size)  # --patch-size, else the recipe's
+    if patch is None:  # the named model's own: 14 for DINOv2 and EVA-02, 16 for most
+        import timm
+
+        from .model.backbone import timm_patch_size
+
+        backbone = values.get("backbone", TrainConfig.backbone)
+        try:
+            patch = timm_patch_size(backbone) if timm.is_model(backbone) else None  # unknown: reported below
+        except ValueError as err:
+            parser.error(f"--backbone: {err}")
     crop = args.crop_size if args.crop_size is not None else values.get("crop_size", TrainConfig.crop_size)
-    if crop % patch:
+    if patch and crop % patch:
         parser.error(f"--crop-size: expected a multiple of the patch size {patch}, got {crop}")
     if args.data != "synthetic" and args.num_classes is not None:
         parser.error("--num-classes: only for --data synthetic (voc has 20 classes, coco 80)")
