@@ -89,7 +89,7 @@ def test_differs_from_recipe_lists_exactly_the_changed_fields():
     cfg = config_from_args(["--set", "gcr=off", "--set", "w_cre=0", "--out", "x", "--set", "cam_scales=1.0,0.5"])
     assert differs_from_recipe(cfg) == {"gcr": False, "w_cre": 0.0, "out": "x"}  # cam_scales is the recipe's
     voc = config_from_args(["--data", "voc", "--data-root", str(REPO), "--out", "x", "--pretrained", "none"])
-    assert differs_from_recipe(voc) == {"data_root": str(REPO), "out": "x"}
+    assert differs_from_recipe(voc) == {"data_root": str(REPO), "out": "x", "pretrained": None}
 
 
 # ------------------------------------------------------------------------------- the switches
