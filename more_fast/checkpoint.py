@@ -1,276 +1,23 @@
-"""Weights in and out: timm ViT initialization (SPEC 1), project checkpoints -> MoReNet (`load_model`).
+"""Project checkpoints -> MoReNet (`load_model`, `load_checkpoint`).
 
-Three kinds of files meet here:
-- a timm ViT checkpoint (`.pth`/`.pt`/`.bin` or `.safetensors`), the `--pretrained` backbone;
+Two kinds of files meet here (timm backbone weights, `--pretrained`, are more_fast/model/pretrained.py's):
 - a checkpoint this project writes: a training checkpoint (Trainer.save: {"model", "model_config",
   "optimizer", ...}) or a converted published one (scripts/convert_checkpoint.py: {"model",
   "model_config", ...}); `load_model` turns either into a MoReNet in eval mode;
-- a published MoRe checkpoint (SPEC 8), which `load_model` also accepts, converting it in memory
+- a published MoRe checkpoint, which `load_model` also accepts, converting it in memory
   (more_fast.convert; converting once with scripts/convert_checkpoint.py saves that work).
 """
 from __future__ import annotations
 
-import importlib
-import inspect
 import pathlib
-import pickle
-import warnings
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-WRAPPER_KEYS = ("model", "state_dict", "model_state")
-STRIP_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
-
-
-def strip_prefixes(state: dict) -> dict:
-    """Keys without a leading 'module.' (DDP) or '_orig_mod.' (torch.compile), however nested."""
-    out = {}
-    for key, value in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in STRIP_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
-        out[key] = value
-    return out
-
-
-def torch_load(path: str | pathlib.Path, map_location: Any = "cpu") -> Any:
-    """torch.load with weights_only=True. Training checkpoints also hold NumPy RNG states; those
-    NumPy types (and only those) are allowed. Anything else is refused rather than unpickled."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        foreign = [name for name in names if not name.startswith("numpy")]
-        if foreign or not names:
-            raise ValueError(f"{path}: holds Python objects other than tensors and NumPy arrays "
-                             f"({foreign or err}); refusing to unpickle it. If you trust the file, save its "
-                             "state dict alone: torch.save(torch.load(path, weights_only=False)['model'], out)") from None
-        allowed = [_resolve_global(name) for name in names] + _numpy_types()
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def _numpy_types() -> list:
-    """NumPy's dtype classes and scalar constructor (an RNG state pickles through them)."""
-    import numpy as np
-
-    codes = "?bBhHiIlLqQefdgFDG"
-    found = [type(np.dtype(code)) for code in codes]
-    try:
-        found.append(_resolve_global("numpy._core.multiarray.scalar"))
-    except (ImportError, AttributeError):
-        found.append(_resolve_global("numpy.core.multiarray.scalar"))
-    return found
-
-
-def _resolve_global(name: str):
-    module, _, attr = name.rpartition(".")
-    return getattr(importlib.import_module(module), attr)
-
-
-def read_state_dict(path: str | pathlib.Path) -> dict:
-    """A state dict from a .pth/.pt/.bin (torch) or .safetensors file; unwraps 'model'/'state_dict'
-    and strips a 'module.' prefix."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained: no such file {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch_load(path)
-    except Exception as err:  # a truncated or foreign file: say which one
-        raise ValueError(f"pretrained: cannot read {path} ({type(err).__name__}: {err})") from err
-    for key in WRAPPER_KEYS:
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"pretrained: {path} does not hold a state dict (name -> tensor)")
-    return strip_prefixes(state)
-
-
-TIMM_PREFIX = "timm:"
-# The published runs start from the original ViT-B/16 weights, jx_vit_base_p16_224-80ecf9dd.pth;
-# timm serves the same weights under this tag (its plain vit_base_patch16_224 is an augreg checkpoint).
-PUBLISHED_PRETRAINED = "vit_base_patch16_224.orig_in21k_ft_in1k"
-PUBLISHED_PRETRAINED_FILE = "jx_vit_base_p16_224-80ecf9dd.pth"
-
-
-def _offline_hint(tag: str, why: str) -> str:
-    return (f"pretrained: timm:{tag} cannot be fetched ({why}); offline, pass a local file instead: "
-            f"--pretrained path/to/weights.pth or .safetensors (timm's file of {tag}"
-            + (f", or the published {PUBLISHED_PRETRAINED_FILE}" if tag == PUBLISHED_PRETRAINED else "") + ")")
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers a TCP connection (a name lookup fails at once offline)."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _timm_cached_file(tag: str) -> str | None:
-    """The local Hugging Face cache's copy of a timm tag's weights, if there is one."""
-    import timm
-
-    cfg = timm.models.get_pretrained_cfg(tag)
-    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    if not repo:
-        return None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    for name in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
-        found = try_to_load_from_cache(repo, name)
-        if isinstance(found, str):
-            return found
-    return None
-
-
-def check_pretrained(spec: str) -> None:
-    """Fail early, with one line, for a `--pretrained` that cannot be loaded: a missing local file,
-    an unknown timm tag, or a `timm:<tag>` whose weights are neither cached nor reachable."""
-    if not spec.startswith(TIMM_PREFIX):
-        if not pathlib.Path(spec).is_file():
-            raise ValueError(f"pretrained: no such file {spec} (expected a local .pth/.safetensors file "
-                             f"or {TIMM_PREFIX}<tag>, e.g. {TIMM_PREFIX}{PUBLISHED_PRETRAINED})")
-        return
-    import timm
-
-    tag = spec[len(TIMM_PREFIX):]
-    if not tag or tag not in timm.list_pretrained(tag):
-        raise ValueError(f"pretrained: timm has no pretrained weights tagged {tag!r} "
-                         f"(see timm.list_pretrained('vit_*'); the published runs use {PUBLISHED_PRETRAINED})")
-    if _timm_cached_file(tag) is None and not _hub_reachable():
-        raise ValueError(_offline_hint(tag, "no network and no cached copy"))
-
-
-def pretrained_state_dict(spec: str) -> dict:
-    """The state dict named by `--pretrained`: a local .pth/.pt/.bin/.safetensors file (timm's, or
-    the published jx_vit_base_p16_224-80ecf9dd.pth), or `timm:<tag>`, which timm fetches (or
-    reads from the local Hugging Face cache)."""
-    if not spec.startswith(TIMM_PREFIX):
-        return read_state_dict(spec)
-    import timm
-
-    check_pretrained(spec)
-    tag = spec[len(TIMM_PREFIX):]
-    cached = _timm_cached_file(tag)
-    overlay = {"file": cached} if cached else None  # no network round trip when the cache has it
-    try:
-        model = timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=overlay)
-    except Exception as err:  # network, hub or file errors: one line, with the offline alternative
-        first = str(err).splitlines()[0] if str(err) else ""
-        raise ValueError(_offline_hint(tag, f"{type(err).__name__}: {first}")) from None
-    return strip_prefixes(model.state_dict())
-
-
-def _resize_patch_pos(patch_pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """1 x G*G x D at the checkpoint's square grid -> 1 x h*w x D (bicubic)."""
-    n, d = patch_pos.shape[1:]
-    side = int(round(n ** 0.5))
-    if side * side != n:
-        raise ValueError(f"pos_embed: expected a square patch grid, got {n} patch positions")
-    if (side, side) == tuple(grid):
-        return patch_pos
-    x = patch_pos.reshape(1, side, side, d).permute(0, 3, 1, 2)  # 1 x D x G x G
-    x = F.interpolate(x.float(), size=grid, mode="bicubic", align_corners=False)
-    return x.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], d).to(patch_pos.dtype)
-
-
-@torch.no_grad()
-def init_from_timm_state(backbone: nn.Module, state: dict) -> list[str]:
-    """Initialize a MoReBackbone from a timm ViT state dict (SPEC 1).
-
-    All R + K tokens start as copies of the single class token, and their position embeddings as
-    copies of the class token's; the R register position embeddings are then re-drawn from a
-    truncated normal at timm's defaults (std 1, cut at +-2). The patch position embeddings are
-    kept (resized bicubically only if the checkpoint's grid differs from the backbone's). A
-    checkpoint whose pos_embed has no class-token entry (timm `no_embed_class` models) gives the
-    class tokens zero position embeddings, which is what such a model adds to its class token.
-    Blocks, patch embedding and final norm are copied as they are. Returns the checkpoint keys
-    that were not used (the classification head, for instance). Raises ValueError naming the
-    problem for a checkpoint that is not a matching timm ViT (missing tensors, another width,
-    another patch size).
-    """
-    state = strip_prefixes(state)
-    if "cls_token" not in state or "pos_embed" not in state:
-        hint = ""
-        if any(key.startswith("encoder.") for key in state):
-            hint = (" (this looks like a MoRe checkpoint, backbone under 'encoder.': load it with "
-                    "more_fast.load_model, or convert a published one with scripts/convert_checkpoint.py)")
-        raise ValueError("pretrained: expected a timm ViT state dict with 'cls_token' and 'pos_embed'" + hint)
-    d = backbone.embed_dim
-    cls, pos = state["cls_token"], state["pos_embed"]
-    if cls.dim() != 3 or cls.shape[0] != 1 or cls.shape[-1] != d:
-        raise ValueError(f"pretrained: cls_token has shape {tuple(cls.shape)}; the backbone "
-                         f"{backbone.name} expects 1 x 1 x {d} (width {d})")
-    if pos.dim() != 3 or pos.shape[0] != 1 or pos.shape[-1] != d:
-        raise ValueError(f"pretrained: pos_embed has shape {tuple(pos.shape)}; the backbone "
-                         f"{backbone.name} expects 1 x T x {d} (width {d})")
-    r, k = backbone.num_registers, backbone.num_classes
-    num_prefix = pos.shape[1] - _square_part(pos.shape[1])
-    backbone.cls_token.copy_(cls[:, :1].expand(1, r + k, d))
-    if num_prefix > 0:
-        prefix_pos = pos[:, :1].expand(1, r + k, d).clone()
-    else:  # no_embed_class: the class token gets no position embedding
-        prefix_pos = pos.new_zeros(1, r + k, d)
-    # timm's defaults (std 1, cut at +-2), as the published mat_vit.py: with a small std the
-    # registers would start as near-copies of the class tokens
-    nn.init.trunc_normal_(prefix_pos[:, :r])
-    patch_pos = _resize_patch_pos(pos[:, num_prefix:], backbone.pos_grid)
-    backbone.pos_embed.copy_(torch.cat([prefix_pos, patch_pos], dim=1))
-    own = backbone.state_dict()
-    rest = {key: val for key, val in state.items() if key in own and key not in ("cls_token", "pos_embed")}
-    missing = [key for key in own if key not in rest and key not in ("cls_token", "pos_embed")]
-    if missing:
-        raise ValueError(f"pretrained: the checkpoint lacks {len(missing)} of the {len(own) - 2} backbone "
-                         f"tensors of {backbone.name}, e.g. {missing[:3]}")
-    for key, val in rest.items():
-        if own[key].shape != val.shape:
-            raise ValueError(f"pretrained: {key} has shape {tuple(val.shape)}, the backbone "
-                             f"{backbone.name} {tuple(own[key].shape)}")
-    backbone.load_state_dict({**own, **rest}, strict=True)
-    return sorted(key for key in state if key not in rest and key not in ("cls_token", "pos_embed"))
-
-
-def _square_part(n: int) -> int:
-    """The largest perfect square <= n, i.e. the patch positions of a [prefix | G*G] pos_embed."""
-    side = int(n ** 0.5)
-    while side * side > n:
-        side -= 1
-    return side * side
-
-
-# --------------------------------------------------------------------------- project checkpoints
-def model_from_config(config: dict):
-    """A MoReNet from a `model_config` dict (MoReNet.config); unknown keys are dropped with a warning."""
-    from .model.network import MoReNet
-
-    accepted = set(inspect.signature(MoReNet.__init__).parameters) - {"self"}
-    unknown = sorted(set(config) - accepted)
-    if unknown:
-        warnings.warn(f"model_config: ignoring keys this version of MoReNet does not take: {unknown}")
-    return MoReNet(**{key: value for key, value in config.items() if key in accepted})
-
+from .convert import convert_state_dict
+from .io import read_state_dict, strip_prefixes, torch_load
+from .model.network import model_from_config
 
 def load_model(path: str | pathlib.Path, map_location: Any = "cpu"):
     """A MoReNet in eval mode from a checkpoint file: a training checkpoint (Trainer.save), a
@@ -296,8 +43,6 @@ def load_checkpoint(path: str | pathlib.Path, map_location: Any = "cpu") -> tupl
         state = strip_prefixes(state)
         meta = {key: value for key, value in obj.items() if key not in ("model", "optimizer", "scheduler", "rng")}
     elif isinstance(obj, dict):
-        from .convert import convert_state_dict
-
         try:
             state, config, _ = convert_state_dict(obj)
             meta = {}

@@ -234,7 +234,7 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     if (args.pretrained or "").lower() == "none":  # from scratch, also under a recipe that names weights
         values.pop("pretrained", None)
     if values.get("pretrained"):  # a missing file, an unknown tag or no network: stop before any work
-        from .checkpoint import check_pretrained
+        from .model.pretrained import check_pretrained
 
         try:
             check_pretrained(values["pretrained"])

@@ -26,7 +26,8 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import WRAPPER_KEYS, model_from_config, strip_prefixes, torch_load
+from .io import WRAPPER_KEYS, save_atomic, strip_prefixes, torch_load
+from .model.network import model_from_config
 
 # (embed dim, depth) -> timm name; heads follow from the name
 BACKBONES = {
@@ -208,7 +209,6 @@ def convert_state_dict(obj, ignore_unknown: bool = False,
 def convert_file(src: str | pathlib.Path, dst: str | pathlib.Path,
                  ignore_unknown: bool = False, backbone: Optional[str] = None) -> ConversionReport:
     """Read a published checkpoint, convert it, and write {"model", "model_config", ...} atomically."""
-    from .training.state import save_atomic
 
     src, dst = pathlib.Path(src), pathlib.Path(dst)
     if not src.is_file():

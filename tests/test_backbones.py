@@ -13,7 +13,7 @@ import timm
 import torch
 from timm.models.beit import gen_relative_position_index
 
-from more_fast.checkpoint import model_from_config
+from more_fast.model.network import model_from_config
 from more_fast.convert import convert_state_dict
 from more_fast.model import MoReNet
 from more_fast.model.backbone import MoReBackbone, rel_pos_index

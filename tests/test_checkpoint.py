@@ -7,7 +7,8 @@ import timm
 import torch
 
 import more_fast
-from more_fast.checkpoint import init_from_timm_state, read_state_dict
+from more_fast.io import read_state_dict
+from more_fast.model.pretrained import init_from_timm_state
 from more_fast.convert import convert_state_dict
 from more_fast.model import MoReNet
 

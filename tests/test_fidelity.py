@@ -70,7 +70,7 @@ def _truncated_std(a=2.0):
 
 def test_register_pos_embed_std_one_at_construction_and_from_pretrained():
     import timm
-    from more_fast.checkpoint import init_from_timm_state
+    from more_fast.model.pretrained import init_from_timm_state
 
     r = 8  # 8 x 192 draws: the sample std is within 0.03 of 0.88 with overwhelming probability
     net = MoReNet("vit_tiny_patch16_224", num_classes=3, num_registers=r, depth=1)
@@ -289,7 +289,7 @@ def test_validation_uses_the_recipe_background(monkeypatch, tmp_path):
 
 # ----------------------------------------------------------------------------- 10. pinned pretrained weights
 def test_timm_tag_offline_fails_at_once_with_one_line(monkeypatch):
-    from more_fast import checkpoint as CK
+    from more_fast.model import pretrained as CK
     from more_fast.cli import config_from_args
 
     monkeypatch.setattr(CK, "_hub_reachable", lambda timeout=3.0: False)
@@ -312,7 +312,7 @@ def test_timm_tag_reads_the_cache_and_local_files_still_work(monkeypatch, tmp_pa
     import timm
     from safetensors.torch import save_file
 
-    from more_fast import checkpoint as CK
+    from more_fast.model import pretrained as CK
 
     tiny = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
     path = tmp_path / "model.safetensors"
@@ -448,7 +448,7 @@ def test_training_validation_lam_labels_use_the_unrelu_lam_and_the_given_backgro
 
 
 def test_resume_needs_no_fetch_of_the_recipe_weights(monkeypatch, tmp_path):
-    from more_fast import checkpoint as CK
+    from more_fast.model import pretrained as CK
     from more_fast.cli import config_from_args
 
     monkeypatch.setattr(CK, "_hub_reachable", lambda timeout=3.0: False)

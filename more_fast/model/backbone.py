@@ -46,6 +46,9 @@ from timm.models.vision_transformer import Block as VitBlock
 
 import kernels
 
+from ..io import strip_prefixes
+from .pretrained import init_from_timm_state
+
 ATTN_IMPLS = ("sdpa", "explicit")
 CPA_REDUCES = ("mean_softmax", "sum_logits")
 BLOCKS = {VitBlock: VitAttention, BeitBlock: BeitAttention, EvaBlock: EvaAttention}
@@ -316,11 +319,10 @@ class MoReBackbone(nn.Module):
         """Initialize from a timm state dict of the same family; returns the keys that were not used.
 
         Families with a class token and absolute position embeddings go through
-        `more_fast.checkpoint.init_from_timm_state`; a model without a class token (SigLIP) or
+        `more_fast.model.pretrained.init_from_timm_state`; a model without a class token (SigLIP) or
         without absolute position embeddings (BEiT) is initialized here the same way, its class
         tokens as described in the module docstring. An fc_norm used as the final norm is read
         from the checkpoint's `fc_norm.*`."""
-        from ..checkpoint import init_from_timm_state, strip_prefixes
 
         state = strip_prefixes(state_dict)
         if self.uses_fc_norm:

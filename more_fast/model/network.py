@@ -5,6 +5,8 @@ passes (SPEC 3) can run the backbone alone and the training forward can hand its
 """
 from __future__ import annotations
 
+import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -89,3 +91,12 @@ class MoReNet(nn.Module):
         groups["gcr"] = list(self.graph_layer.parameters())
         groups["decoder"] = list(self.decoder.parameters())
         return groups
+
+
+def model_from_config(config: dict):
+    """A MoReNet from a `model_config` dict (MoReNet.config); unknown keys are dropped with a warning."""
+    accepted = set(inspect.signature(MoReNet.__init__).parameters) - {"self"}
+    unknown = sorted(set(config) - accepted)
+    if unknown:
+        warnings.warn(f"model_config: ignoring keys this version of MoReNet does not take: {unknown}")
+    return MoReNet(**{key: value for key, value in config.items() if key in accepted})

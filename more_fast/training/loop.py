@@ -262,7 +262,7 @@ class Trainer:
                              attn_impl=cfg.attn_impl, depth=cfg.depth, decoder_dim=cfg.decoder_dim,
                              patch_size=cfg.patch_size, gcr=cfg.gcr)
         if cfg.pretrained:
-            from ..checkpoint import pretrained_state_dict
+            from ..model.pretrained import pretrained_state_dict
 
             unused = self.model.encoder.load_pretrained_vit(pretrained_state_dict(cfg.pretrained))
             self.log(f"initialized the backbone from {cfg.pretrained} ({len(unused)} checkpoint tensors unused)")

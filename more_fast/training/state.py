@@ -13,6 +13,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..io import save_atomic  # noqa: F401  (re-exported: the Trainer saves through state.save_atomic)
+
 CKPT_RE = re.compile(r"ckpt_(\d{8})\.pt$")
 
 
@@ -37,21 +39,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_atomic(obj: dict, path: pathlib.Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # readers see the old file or the complete new one, never a part
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def checkpoint_path(out: pathlib.Path, iteration: int) -> pathlib.Path:
