@@ -9,7 +9,6 @@ bytes, FLOPs and transcendentals would take at the H100 SXM's peak rates, whiche
 from __future__ import annotations
 
 import functools
-import os
 from typing import Callable
 
 import pytest
@@ -99,8 +98,14 @@ def op_variant(op: str, variant: str) -> Callable:
             pytest.skip("fused Triton kernels are timed on CUDA only (interpreter timings mean nothing)")
         if not kernels.triton_available(op):
             pytest.skip(f"{op} has no Triton implementation yet")
-        os.environ["MORE_FAST_KERNELS"] = "triton"
-        return getattr(kernels, op)
+        fn = getattr(kernels, op)
+
+        @functools.wraps(fn)
+        def fused(*args, **kwargs):
+            with kernels.use_backend("triton"):  # never the reference by accident
+                return fn(*args, **kwargs)
+
+        return fused
     raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
 
 

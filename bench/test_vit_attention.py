@@ -17,7 +17,6 @@ marked `cpu_standin` in the shape.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -54,7 +53,6 @@ def _flops(backbone: MoReBackbone, crop: int) -> float:
 @pytest.mark.parametrize("way", list(WAYS))
 def test_vit_forward(benchmark, way, crop, dtype):
     impl, reduce = WAYS[way]
-    os.environ["MORE_FAST_KERNELS"] = "auto"
     torch.manual_seed(0)
     backbone = MoReBackbone(BACKBONE, K, R, attn_impl=impl).to(DEVICE).eval()
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -62,7 +60,8 @@ def test_vit_forward(benchmark, way, crop, dtype):
     amp = dtype == "bfloat16"
 
     def run():
-        with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=amp), \
+                kernels.use_backend("auto"):
             out = backbone(x, attn_reduce=reduce)
         return out.patch_tokens if reduce is None else out.class_patch_attn
 
