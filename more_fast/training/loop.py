@@ -25,6 +25,7 @@ from .. import losses as L
 from ..data import normalize
 from ..model.network import MoReNet, MoReOutput
 from . import state as S
+from . import tb
 from .config import TrainConfig
 from .data import build_dataset, eval_loader, resolve_data_root, train_loader
 from .evaluate import evaluate, format_table
@@ -204,6 +205,7 @@ class Trainer:
         os.environ["MORE_FAST_KERNELS"] = cfg.kernels
         self.device = pick_device(cfg)
         self.out = pathlib.Path(cfg.out)
+        self.tb = tb.open_log(cfg.tensorboard, self.out, self.is_main)  # does nothing unless --tensorboard
         torch.manual_seed(cfg.seed)
         root = resolve_data_root(cfg) if self.is_main else None  # rank 0 alone writes a synthetic set
         if world > 1:
@@ -305,6 +307,7 @@ class Trainer:
                                num_panels=cfg.num_panels)
         self.log(format_table(results, it))
         self._write_metrics({"iter": it, "eval": results})
+        self.tb.panels(self.out / "panels" / f"iter_{it:08d}", it)
         return results
 
     def _write_metrics(self, record: dict) -> None:
@@ -312,6 +315,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            self.tb.record(record)
 
     def run(self) -> dict[str, float]:
         cfg = self.cfg
