@@ -25,7 +25,7 @@ from .. import losses as L
 from ..data import normalize
 from ..model.network import MoReNet, MoReOutput
 from . import state as S
-from . import tb
+from . import tb, threads
 from .config import TrainConfig
 from .data import build_dataset, eval_loader, resolve_data_root, train_loader
 from .evaluate import evaluate, format_table
@@ -204,6 +204,7 @@ class Trainer:
         self._log = log
         os.environ["MORE_FAST_KERNELS"] = cfg.kernels
         self.device = pick_device(cfg)
+        self.log(threads.apply(cfg))  # intra-op threads and DataLoader workers from the cores free now
         self.out = pathlib.Path(cfg.out)
         self.tb = tb.open_log(cfg.tensorboard, self.out, self.is_main)  # does nothing unless --tensorboard
         torch.manual_seed(cfg.seed)
