@@ -129,3 +129,20 @@ def test_import_succeeds_with_our_kernels_first(tmp_path):
     res = _run("import more_fast, kernels; print(kernels.__file__)", [ROOT, site], cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().endswith(str(ROOT / "kernels" / "__init__.py"))
+
+
+def test_triton_is_required_on_linux_only():
+    """pip evaluates these markers: without them `pip install` fails where triton has no wheels."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    deps = [Requirement(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+
+    def needed(platform):
+        env = {"sys_platform": platform, "platform_system": platform.capitalize()}
+        return {r.name for r in deps if r.marker is None or r.marker.evaluate(env)}
+
+    assert "triton" in needed("linux")
+    for platform in ("darwin", "win32"):
+        assert "triton" not in needed(platform) and {"torch", "timm", "nvidia-ml-py"} <= needed(platform)
