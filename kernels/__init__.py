@@ -22,6 +22,8 @@ import torch
 
 from . import _checks, reference
 
+__more_fast__ = True  # more_fast/_kernels_check.py reads this line to tell this package from PyPI's `kernels`
+
 BACKENDS = ("auto", "triton", "reference")
 
 # op name -> module under kernels/ that holds its Triton implementation

@@ -4,6 +4,10 @@
 writes (training checkpoints, converted published ones). Submodules load lazily.
 """
 
+from ._kernels_check import check_kernels_package as _check_kernels_package
+
+_check_kernels_package()  # before anything imports the wrong `kernels`
+
 __version__ = "0.1.0"
 
 

@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--amp", action="store_true", help="bf16 autocast (on the CPU only where bf16 is native)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model and the losses")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write the metrics and panels to <out>/tensorboard (needs the tensorboard extra)")
     p.add_argument("--kernels", choices=("auto", "triton", "reference"), help="fused-op backend (default auto)")
     p.add_argument("--workers", type=_non_negative_int, help="DataLoader workers")
     p.add_argument("--device", help="auto, cpu or cuda")
@@ -204,6 +206,7 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
             values[field] = getattr(args, flag)
     values["amp"] = args.amp
     values["compile"] = args.compile
+    values["tensorboard"] = args.tensorboard
     if args.gcr is not None:
         values["gcr"] = args.gcr
     values.update(overrides)

@@ -73,6 +73,7 @@ class TrainConfig:
     # synthetic data set size (only for data=synthetic)
     synthetic_train: int = 1000
     synthetic_val: int = 100
+    tensorboard: bool = False  # also write metrics and panels as TensorBoard events to <out>/tensorboard
 
     @property
     def total_iters(self) -> int:

@@ -31,6 +31,7 @@ from ..artifacts import ArtifactMeter, format_artifacts
 from ..data import normalize
 from ..model.network import MoReNet, MoReOutput
 from . import state as S
+from . import tb, threads
 from .config import RECIPES, TrainConfig
 from .data import build_dataset, eval_loader, resolve_data_root, train_loader
 from .evaluate import evaluate, format_table
@@ -250,7 +251,9 @@ class Trainer:
         self.is_main = rank == 0
         self._log = log
         self.device = pick_device(cfg)
+        self.log(threads.apply(cfg))  # intra-op threads and DataLoader workers from the cores free now
         self.out = pathlib.Path(cfg.out)
+        self.tb = tb.open_log(cfg.tensorboard, self.out, self.is_main)  # does nothing unless --tensorboard
         S.seed_all(cfg.seed)
         root = resolve_data_root(cfg) if self.is_main else None  # rank 0 alone writes a synthetic set
         if world > 1:
@@ -378,6 +381,7 @@ class Trainer:
         self.log(format_table(results, it))
         self.log(format_artifacts(self.artifact))
         self._write_metrics({"iter": it, "eval": results, "artifact": self.artifact})
+        self.tb.panels(self.out / "panels" / f"iter_{it:08d}", it)
         return results
 
     def _write_metrics(self, record: dict) -> None:
@@ -385,6 +389,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            self.tb.record(record)
 
     def run(self) -> dict[str, float]:
         # before the loader forks its workers, which then inherit handlers that leave stopping to us
