@@ -46,7 +46,6 @@ import torch
 import triton
 import triton.language as tl
 from ._launch import AotCase, KernelConfig
-from ._launch import capability as _capability
 from ._launch import device_ctx as _device_ctx
 from ._launch import f32_precision as _dot_precision
 
@@ -245,14 +244,17 @@ def _half_norm_bound(h: int, w: int, ci: int, sigma_rgb: float, sigma_xy: float)
     return 0.5 * _LOG2E * (((h - 1) ** 2 + (w - 1) ** 2) / sigma_xy**2 + ci * _PIXEL_RANGE**2 / sigma_rgb**2)
 
 
-def _pairs_config(c: int, ci: int, cc: int | None = None, deterministic: bool | None = None) -> dict:
+def _pairs_config(c: int, ci: int, deterministic: bool | None = None) -> dict:
     """Tile, warps and stages of the pairs kernel for C channels and CI image channels.
 
     Symmetric (each tile pair once, the column sums by atomics) while the channels fit 32: the
     atomics move C / BLOCK floats per pair, cheap next to the exponential at C <= 32 but not at
     C = 81 (COCO), which evaluates every pair from both sides instead, on 64-row x 128-column
     tiles (a 128-row fp32 accumulator of 128 channels would not fit two CTAs per SM). The
-    deterministic mode (torch.use_deterministic_algorithms) takes the second path at any C.
+    deterministic mode (torch.use_deterministic_algorithms; `deterministic` None reads it) takes
+    the second path at any C. One choice for sm_80 and sm_90: compiled as a launch specializes
+    them, these tiles have no spills on either and fit 2 CTAs per SM or more on sm_90
+    (scripts/aot_report.py, bench/test_energy.py's resources).
     """
     block_c = min(max(16, triton.next_power_of_2(c)), _MAX_BLOCK_C)
     if deterministic is None:
@@ -346,7 +348,7 @@ def _energy_forward(image, probs, gate, sigma_rgb: float, sigma_xy: float):
     hw = h * w
     if hw >= 2**31 // 256:
         raise ValueError(f"probs: expected H * W < {2**31 // 256}, got {hw}")
-    cfg = _pairs_config(c, image.shape[1], _capability(probs.device) if probs.is_cuda else None)
+    cfg = _pairs_config(c, image.shape[1])
     block, c_total, k = cfg["BLOCK"], cfg["C_TOTAL"], cfg["K"]
     c_block = cfg["BLOCK_C"] + cfg["BLOCK_C2"]
     n_pix, n_tiles = _pairs_grid(hw, cfg)
@@ -458,8 +460,8 @@ def aot_configs(case: AotCase) -> list[KernelConfig]:
     (kernels._launch.aot_kernel, pointers 16-byte aligned as torch allocates them): the pairs
     kernel in the default mode ("energy_pairs"), in the deterministic mode when that configures it
     differently ("energy_pairs_det"), the direct kernel (the fallback for small sigma_rgb, gate 1 by
-    zero strides) and the backward. The configuration is `_pairs_config`'s for
-    the case's compute capability, as the launcher calls it.
+    zero strides) and the backward, configured by `_pairs_config` and `_direct_config` as the
+    launcher calls them.
 
     The training step feeds the energy fp32 image, probabilities and gate whatever the autocast
     dtype (more_fast/losses.py reg_loss upcasts), and the pairs kernel reads its own fp16 copies.
@@ -469,7 +471,7 @@ def aot_configs(case: AotCase) -> list[KernelConfig]:
     shapes = f"B{case.B} C{case.C} {case.H}x{case.W}"
     out, seen = [], []
     for name, deterministic in (("energy_pairs", False), ("energy_pairs_det", True)):
-        cfg = _pairs_config(case.C, 3, case.cc, deterministic)
+        cfg = _pairs_config(case.C, 3, deterministic)
         if cfg in seen:
             continue
         seen.append(cfg)

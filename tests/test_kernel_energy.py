@@ -244,7 +244,7 @@ def test_aot_configs_are_the_launch_configs():
             assert set(kcs) == ({"energy_pairs", "energy_pairs_det"} if symmetric else {"energy_pairs"}) | {
                 "energy_direct", "energy_bwd"}
             for name, deterministic in (("energy_pairs", False), ("energy_pairs_det", True)):
-                cfg = k_energy._pairs_config(c, 3, cc, deterministic)
+                cfg = k_energy._pairs_config(c, 3, deterministic)
                 fwd = kcs.get(name, kcs["energy_pairs"])
                 assert fwd.constexprs == {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
                 assert (fwd.num_warps, fwd.num_stages) == (cfg["num_warps"], cfg["num_stages"])
