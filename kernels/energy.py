@@ -36,7 +36,7 @@ dot in fp16: probabilities (any value fp16 holds, to 2^-11 relative).
 When pixel values in 0..255 could put the centred |f|^2 / 2 above _MAX_HALF_NORM (small
 sigma_rgb: the split dot would lose too much, or fp16 would overflow), the direct kernel (the
 previous implementation) runs instead: it computes the squared distance from the differences in
-fp32 (no cancellation) at ~35 instructions per pair. The choice reads only the shapes and sigmas
+fp32 (no cancellation) at ~32 instructions per pair and block of 32 channels. The choice reads only the shapes and sigmas
 (no host sync); an image spread far beyond 0..255 fails a device-side check instead.
 """
 from __future__ import annotations
