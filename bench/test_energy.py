@@ -94,9 +94,9 @@ def _deterministic():
 # ---------------------------------------------------------------------------------------------
 # Predicted H100 time from the compiled inner loop (no GPU needed)
 #
-# Each forward kernel is compiled ahead of time for sm_90 (pointer arguments 16-byte aligned, as
-# a launch specializes them); the SASS of its main loop (the longest backward branch) is counted
-# per opcode. One loop iteration covers TILE pairs per CTA, i.e. TILE / threads pairs per thread,
+# Each forward kernel is compiled ahead of time for sm_90 as scripts/aot_report.py compiles it
+# (its compile_one; arguments specialized as a launch specializes them, kernels._launch.aot_kernel);
+# the SASS of its main loop (the longest backward branch) is counted per opcode. One loop iteration covers TILE pairs per CTA, i.e. TILE / threads pairs per thread,
 # so per pair and per SM:
 #   MUFU     ex2 (MUFU.*) thread-instructions / 16 per clock
 #   tensor   HGMMA FMAs (64 x N x K per warpgroup instruction) / 2048 per clock (fp16, bf16) or
@@ -139,15 +139,29 @@ def _loop_histogram(sass: str) -> collections.Counter:
     return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0] for ins in instrs[lo:hi + 1])
 
 
-def _compile(fn, signature, constexprs, num_warps, num_stages, cc):
-    """(SASS text, resource usage line) of fn compiled for sm_cc by the installed triton."""
+def _aot_report():
+    """scripts/aot_report.py as a module: the compile, ptxas statistics and CTAs-per-SM count of
+    the project's ahead-of-time report, so that this bench and the report cannot disagree."""
+    scripts = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    import aot_report
+
+    return aot_report
+
+
+def _compile(kc, cc):
+    """(SASS text, the report's row) of a KernelConfig (argument specialization included: its
+    attrs, from kernels._launch.aot_kernel) compiled for sm_cc by the installed triton. The row
+    (regs, spill, smem, mma, ctas) is scripts/aot_report.py's compile_one; the SASS is the same
+    compile's cubin (a cache hit) through the nvdisasm bundled with triton."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")}
-    src = triton.compiler.ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    row = _aot_report().compile_one(kc, cc)
+    src = triton.compiler.ASTSource(kc.fn, dict(kc.signature), dict(kc.constexprs), dict(kc.attrs or {}))
     comp = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+                          options=dict(num_warps=kc.num_warps, num_stages=kc.num_stages))
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     path = f"/tmp/more_fast_energy_{os.getpid()}_{cc}.cubin"
     with open(path, "wb") as fh:
@@ -155,12 +169,9 @@ def _compile(fn, signature, constexprs, num_warps, num_stages, cc):
     try:
         sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", path], capture_output=True, text=True,
                               check=True).stdout
-        res = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", path], capture_output=True,
-                             text=True, check=True).stdout
     finally:
         os.remove(path)
-    usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", res))
-    return sass, {k: int(v) for k, v in usage.items()}, comp.metadata.shared
+    return sass, row
 
 
 def _model(hist, tile_pairs, threads, num_warps, pairs, red_width=4):
@@ -191,6 +202,10 @@ def _model(hist, tile_pairs, threads, num_warps, pairs, red_width=4):
     )
 
 
+def _resources(row: dict) -> dict:
+    return {k: row[k] for k in ("regs", "spill", "smem", "mma", "ctas")}
+
+
 def _predict_pairs(kc, aot, c, hw, cc) -> dict:
     import triton
 
@@ -204,15 +219,31 @@ def _predict_pairs(kc, aot, c, hw, cc) -> dict:
         pairs = aot.B * n_c * tile_pairs * block * block
     else:
         pairs = aot.B * n_c * n_pix * n_pix
-    sass, usage, shared = _compile(kc.fn, kc.signature, kc.constexprs, kc.num_warps, kc.num_stages, cc)
+    sass, row = _compile(kc, cc)
     hist = _loop_histogram(sass)
     # side work at HBM speed: features (K fp16 x2), S16, row (+ col), AS, E's reads
     n_acc = 2 if cfg["SYMMETRIC"] else 1
     side = aot.B * (2 * n_pix * cfg["K"] * 2 * 2 + n_pix * cfg["C_TOTAL"] * (2 * 2 + 4 * 2 * n_acc) + c * hw * 4 * 4)
-    return dict(config=dict(cfg), num_warps=kc.num_warps, usage=usage, shared=shared,
+    return dict(config=dict(cfg), num_warps=kc.num_warps, resources=_resources(row),
                 loop=dict(hist.most_common()),
                 **_model(hist, block * block_q, 32 * kc.num_warps, kc.num_warps, pairs),
                 side_ms=round(side / H100["hbm_bytes_s"] * 1e3, 3))
+
+
+def _kernels(aot) -> dict:
+    """The energy kernels aot_configs lists for `aot`, by name."""
+    from kernels import energy
+
+    return {kc.name: kc for kc in energy.aot_configs(aot)}
+
+
+# the old kernel (HEAD before the rewrite; its code kept as the direct kernel) as it was launched
+# then: 128 x 64 pixel tiles of up to 128 channels, 8 warps, the real (contiguous) gate
+def _old_config(c: int) -> dict:
+    import triton
+
+    return dict(BLOCK_P=128, BLOCK_Q=64, BLOCK_C=min(max(16, triton.next_power_of_2(c)), 128), num_warps=8,
+                num_stages=2)
 
 
 def predict(cc: int = 90) -> dict:
@@ -228,57 +259,44 @@ def predict(cc: int = 90) -> dict:
         hw = aot.H * aot.W
         rows = {}
         # the new kernel, as its launcher configures it (default and deterministic mode)
-        for which in ("new", "new_deterministic"):
-            with _deterministic() if which == "new_deterministic" else contextlib.nullcontext():
-                kc = energy.aot_configs(aot)[0]
-            rows[which] = _predict_pairs(kc, aot, c, hw, cc)
-        # the old kernel (HEAD before this rewrite; kept as the direct kernel), as it was launched
-        bp, bq = energy._DIRECT_BLOCK_P, energy._DIRECT_BLOCK_Q
-        block_c = min(max(16, triton.next_power_of_2(c)), energy._MAX_BLOCK_C)
-        sig = {"img_ptr": "*fp32", "s_ptr": "*fp32", "gate_ptr": "*fp32", "as_ptr": "*fp32", "part_ptr": "*fp32",
-               **{a: "i32" for a in ("H", "W", "C", "s_ib", "s_ic", "s_ih", "s_iw", "s_sb", "s_sc", "s_sh", "s_sw",
-                                     "s_gb", "s_gh", "s_gw")},
-               "a_xy": "fp32", "a_rgb": "fp32", "NUM_CH": "constexpr", "BLOCK_P": "constexpr",
-               "BLOCK_Q": "constexpr", "BLOCK_C": "constexpr", "DOT_PRECISION": "constexpr"}
-        old_cfg = dict(NUM_CH=3, BLOCK_P=bp, BLOCK_Q=bq, BLOCK_C=block_c, DOT_PRECISION="tf32x3")
-        sass, usage, shared = _compile(energy._energy_direct_kernel, sig, old_cfg, 8, 2, cc)
+        kernels = _kernels(aot)
+        rows["new"] = _predict_pairs(kernels["energy_pairs"], aot, c, hw, cc)
+        rows["new_deterministic"] = _predict_pairs(kernels.get("energy_pairs_det", kernels["energy_pairs"]),
+                                                   aot, c, hw, cc)
+        old_cfg = _old_config(c)
+        sass, row = _compile(energy.direct_aot_config(aot, old_cfg, name="energy_old"), cc)
         hist = _loop_histogram(sass)
-        pairs_old = aot.B * triton.cdiv(c, block_c) * triton.cdiv(hw, bp) * bp * triton.cdiv(hw, bq) * bq
-        rows["old"] = dict(config=old_cfg, num_warps=8, usage=usage, shared=shared, loop=dict(hist.most_common()),
+        bp, bq = old_cfg["BLOCK_P"], old_cfg["BLOCK_Q"]
+        pairs_old = aot.B * triton.cdiv(c, old_cfg["BLOCK_C"]) * triton.cdiv(hw, bp) * bp * triton.cdiv(hw, bq) * bq
+        rows["old"] = dict(config=old_cfg, num_warps=8, resources=_resources(row), loop=dict(hist.most_common()),
                            **_model(hist, bp * bq, 256, 8, pairs_old), side_ms=0.0)
         for row in rows.values():
             ms = row["ms"]
             row["predicted_ms"] = round(max(ms.values()) + row["side_ms"], 3)
             row["no_overlap_ms"] = round(sum(ms.values()) + row["side_ms"], 3)
-            regs = -(-row["usage"].get("REG", 255) // 8) * 8
-            threads = 32 * row["num_warps"]
-            row["ctas_per_sm"] = min(65536 // (regs * threads), (228 * 1024) // max(row["shared"] + 1024, 1))
         out["cases"][name] = rows
     return out
 
 
 def resources() -> dict:
-    """Registers, spills (stack bytes), shared memory and CTAs per SM of the pairs kernel as
-    launched at VOC and COCO, default and deterministic mode, compiled for sm_80 and sm_90."""
+    """Registers, spills, shared memory, MMA kind and CTAs per SM (scripts/aot_report.py's
+    numbers) of every energy kernel aot_configs lists at VOC and COCO (the pairs kernel in the
+    default and the deterministic mode, the direct kernel, the backward), for sm_80 and sm_90,
+    plus the tensor-core instructions in the pairs kernel's main loop."""
     import triton
 
-    from kernels import energy
     from kernels._launch import AotCase
 
     out = {"triton": triton.__version__}
     for cc in (80, 90):
         for name, c in PREDICT_CASES:
-            for mode in ("default", "deterministic"):
-                with _deterministic() if mode == "deterministic" else contextlib.nullcontext():
-                    kc = energy.aot_configs(AotCase(name, B=B, C=c, H=SIZE, W=SIZE, dtype="fp32", cc=cc))[0]
-                sass, usage, shared = _compile(kc.fn, kc.signature, kc.constexprs, kc.num_warps, kc.num_stages, cc)
-                regs = -(-usage.get("REG", 255) // 8) * 8  # allocated in units of 8 per thread
-                smem_sm = (228 if cc == 90 else 164) * 1024
-                out[f"sm_{cc} {name} {mode}"] = dict(
-                    regs=regs, stack=usage.get("STACK", 0), shared=shared, num_warps=kc.num_warps,
-                    ctas_per_sm=min(65536 // (regs * 32 * kc.num_warps), smem_sm // (shared + 1024)),
-                    loop_tensor_core_ops=sum(n for op, n in _loop_histogram(sass).items()
-                                             if op.startswith(("HGMMA", "HMMA"))))
+            for kname, kc in _kernels(AotCase(name, B=B, C=c, H=SIZE, W=SIZE, dtype="fp32", cc=cc)).items():
+                sass, row = _compile(kc, cc)
+                res = dict(_resources(row), num_warps=kc.num_warps)
+                if kname.startswith("energy_pairs"):
+                    res["loop_tensor_core_ops"] = sum(n for op, n in _loop_histogram(sass).items()
+                                                      if op.startswith(("HGMMA", "HMMA")))
+                out[f"sm_{cc} {name} {kname}"] = res
     return out
 
 
@@ -290,10 +308,9 @@ def test_predicted_h100_time(record_property):
     for name, rows in result["cases"].items():
         for which, row in rows.items():
             print(f"{name:5s} {which}: predicted {row['predicted_ms']:.2f} ms (no overlap {row['no_overlap_ms']:.2f}), "
-                  f"pipes {row['ms']}, per pair {row['per_pair']}, regs {row['usage'].get('REG')}, "
-                  f"stack (spills) {row['usage'].get('STACK')} B, CTAs/SM {row['ctas_per_sm']}")
+                  f"pipes {row['ms']}, per pair {row['per_pair']}, resources {row['resources']}")
         for which in ("new", "new_deterministic"):
-            assert rows[which]["usage"].get("STACK", 0) == 0, (name, which)
+            assert rows[which]["resources"]["spill"] == 0, (name, which)
             assert any("GMMA" in op for op in rows[which]["loop"]), (name, which)
     record_property("energy_prediction", json.dumps(result))
 
@@ -309,19 +326,23 @@ def _run_self(flag: str) -> dict:
 
 
 def test_pairs_kernel_resources(record_property):
-    """No spills on sm_80 and sm_90 at C = 21 and 81 (both modes), tensor-core ops in the loop, and
-    at least 2 CTAs per SM on sm_90 (the compile is the installed triton's; run this file with
-    another triton's python for that version)."""
+    """No spills on sm_80 and sm_90 at C = 21 and 81 for every energy kernel (the pairs kernel in
+    both modes), tensor-core ops in the pairs loop and MMAs in the direct kernel, and at least 2
+    CTAs per SM on sm_90 (the compile is the installed triton's; run this file with another
+    triton's python for that version)."""
     pytest.importorskip("triton")
     result = _run_self("--resources")
     for key, row in result.items():
         if key == "triton":
             continue
         print(f"triton {result['triton']} {key}: {row}")
-        assert row["stack"] == 0, key
-        assert row["loop_tensor_core_ops"] > 0, key
+        assert row["spill"] == 0, key
+        if "energy_pairs" in key:
+            assert row["loop_tensor_core_ops"] > 0, key
+        if "energy_direct" in key:
+            assert row["mma"] != "none", key
         if key.startswith("sm_90"):
-            assert row["ctas_per_sm"] >= 2, key
+            assert row["ctas"] >= 2, key
     record_property("energy_resources", json.dumps(result))
 
 

@@ -36,7 +36,7 @@ dot in fp16: probabilities (any value fp16 holds, to 2^-11 relative).
 When pixel values in 0..255 could put the centred |f|^2 / 2 above _MAX_HALF_NORM (small
 sigma_rgb: the split dot would lose too much, or fp16 would overflow), the direct kernel (the
 previous implementation) runs instead: it computes the squared distance from the differences in
-fp32 (no cancellation) at ~35 instructions per pair. The choice reads only the shapes and sigmas
+fp32 (no cancellation) at ~32 instructions per pair and block of 32 channels. The choice reads only the shapes and sigmas
 (no host sync); an image spread far beyond 0..255 fails a device-side check instead.
 """
 from __future__ import annotations
@@ -219,8 +219,11 @@ def _energy_bwd_kernel(grad_ptr, as_ptr, out_ptr, N, scale, BLOCK: tl.constexpr)
 # upper bounds of the pairs kernel's tile rows and (two-sided path) columns; the tests shrink them
 _BLOCK_P = 128
 _BLOCK_Q = 128
-_DIRECT_BLOCK_P = 128
-_DIRECT_BLOCK_Q = 64
+# the direct kernel's fp32 differences and tf32x3 split keep many registers live per pair: 64 x 32
+# pixel tiles of at most 32 channels on 4 warps are what compile without spills on sm_80 and sm_90
+_DIRECT_BLOCK_P = 64
+_DIRECT_BLOCK_Q = 32
+_DIRECT_MAX_BLOCK_C = 32
 _MAX_BLOCK_C = 128
 # the symmetric path up to this many (padded) channels; 0 turns it off (e.g. should the GPU
 # measure its atomics slower than the exponentials they save: bench/test_energy.py's
@@ -241,17 +244,22 @@ def _half_norm_bound(h: int, w: int, ci: int, sigma_rgb: float, sigma_xy: float)
     return 0.5 * _LOG2E * (((h - 1) ** 2 + (w - 1) ** 2) / sigma_xy**2 + ci * _PIXEL_RANGE**2 / sigma_rgb**2)
 
 
-def _pairs_config(c: int, ci: int) -> dict:
+def _pairs_config(c: int, ci: int, deterministic: bool | None = None) -> dict:
     """Tile, warps and stages of the pairs kernel for C channels and CI image channels.
 
     Symmetric (each tile pair once, the column sums by atomics) while the channels fit 32: the
     atomics move C / BLOCK floats per pair, cheap next to the exponential at C <= 32 but not at
     C = 81 (COCO), which evaluates every pair from both sides instead, on 64-row x 128-column
     tiles (a 128-row fp32 accumulator of 128 channels would not fit two CTAs per SM). The
-    deterministic mode (torch.use_deterministic_algorithms) takes the second path at any C.
+    deterministic mode (torch.use_deterministic_algorithms; `deterministic` None reads it) takes
+    the second path at any C. One choice for sm_80 and sm_90: compiled as a launch specializes
+    them, these tiles have no spills on either and fit 2 CTAs per SM or more on sm_90
+    (scripts/aot_report.py, bench/test_energy.py's resources).
     """
     block_c = min(max(16, triton.next_power_of_2(c)), _MAX_BLOCK_C)
-    symmetric = block_c <= _SYMMETRIC_MAX_BLOCK_C and not torch.are_deterministic_algorithms_enabled()
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    symmetric = block_c <= _SYMMETRIC_MAX_BLOCK_C and not deterministic
     block_c2 = 0
     if not symmetric and 64 < c <= 96:  # 64 + 32: a quarter less tensor work than 128 at C = 81
         block_c, block_c2 = 64, 32
@@ -262,6 +270,20 @@ def _pairs_config(c: int, ci: int) -> dict:
     c_total = triton.cdiv(c, block_c + block_c2) * (block_c + block_c2)
     return dict(BLOCK=block, BLOCK_Q=block_q, BLOCK_C=block_c, BLOCK_C2=block_c2, C_TOTAL=c_total, K=k,
                 SYMMETRIC=symmetric, num_warps=num_warps, num_stages=2)
+
+
+def _direct_config(c: int) -> dict:
+    """Tiles, warps and stages of the direct kernel for C channels (its channel blocks each
+    recompute the distances: the fallback trades that for no spills)."""
+    return dict(BLOCK_P=_DIRECT_BLOCK_P, BLOCK_Q=_DIRECT_BLOCK_Q,
+                BLOCK_C=min(max(16, triton.next_power_of_2(c)), _DIRECT_MAX_BLOCK_C), num_warps=4, num_stages=2)
+
+
+def _pairs_grid(hw: int, cfg: dict) -> tuple[int, int]:
+    """(padded pixels NP, row tiles n_tiles) of an image of hw pixels under a pairs config."""
+    tile = max(cfg["BLOCK"], cfg["BLOCK_Q"])
+    n_pix = triton.cdiv(hw, tile) * tile
+    return n_pix, n_pix // cfg["BLOCK"]
 
 
 def _split_features(image: torch.Tensor, sigma_rgb: float, sigma_xy: float, n_pix: int, k: int):
@@ -301,9 +323,9 @@ def _energy_direct(image, probs, sigma_rgb: float, sigma_xy: float) -> torch.Ten
     """B x C x H x W fp32 W S by the direct kernel (gate 1), for features beyond the split dot."""
     b, c, h, w = probs.shape
     hw = h * w
-    block_c = min(max(16, triton.next_power_of_2(c)), _MAX_BLOCK_C)
-    n_p = triton.cdiv(hw, _DIRECT_BLOCK_P)
-    n_c = triton.cdiv(c, block_c)
+    cfg = _direct_config(c)
+    n_p = triton.cdiv(hw, cfg["BLOCK_P"])
+    n_c = triton.cdiv(c, cfg["BLOCK_C"])
     ws = torch.empty((b, c, h, w), dtype=torch.float32, device=probs.device)
     part = torch.empty((b, n_c, n_p), dtype=torch.float32, device=probs.device)
     ones = torch.ones((1, 1, 1), dtype=torch.float32, device=probs.device).expand(b, h, w)
@@ -314,9 +336,9 @@ def _energy_direct(image, probs, sigma_rgb: float, sigma_xy: float) -> torch.Ten
             *image.stride(), *probs.stride(), *ones.stride(),
             0.5 * _LOG2E / (sigma_xy * sigma_xy), 0.5 * _LOG2E / (sigma_rgb * sigma_rgb),
             NUM_CH=image.shape[1],
-            BLOCK_P=_DIRECT_BLOCK_P, BLOCK_Q=_DIRECT_BLOCK_Q, BLOCK_C=block_c,
+            BLOCK_P=cfg["BLOCK_P"], BLOCK_Q=cfg["BLOCK_Q"], BLOCK_C=cfg["BLOCK_C"],
             DOT_PRECISION=_dot_precision(probs.device),
-            num_warps=8, num_stages=2,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return ws
 
@@ -329,9 +351,7 @@ def _energy_forward(image, probs, gate, sigma_rgb: float, sigma_xy: float):
     cfg = _pairs_config(c, image.shape[1])
     block, c_total, k = cfg["BLOCK"], cfg["C_TOTAL"], cfg["K"]
     c_block = cfg["BLOCK_C"] + cfg["BLOCK_C2"]
-    tile = max(block, cfg["BLOCK_Q"])
-    n_pix = triton.cdiv(hw, tile) * tile
-    n_tiles = n_pix // block
+    n_pix, n_tiles = _pairs_grid(hw, cfg)
     if _half_norm_bound(h, w, image.shape[1], sigma_rgb, sigma_xy) > _MAX_HALF_NORM:
         ws = _energy_direct(image, probs, sigma_rgb, sigma_xy)
     else:
@@ -436,29 +456,51 @@ def dense_energy_loss(
 # Ahead-of-time compile contract
 # --------------------------------------------------------------------------------------------
 def aot_configs(case: AotCase) -> list[KernelConfig]:
-    """The pairs kernel (default, symmetric mode) and the backward as launched for `case`.
+    """The kernels launched for `case`, arguments specialized as the JIT does at run time
+    (kernels._launch.aot_kernel, pointers 16-byte aligned as torch allocates them): the pairs
+    kernel in the default mode ("energy_pairs"), in the deterministic mode when that configures it
+    differently ("energy_pairs_det"), the direct kernel (the fallback for small sigma_rgb, gate 1 by
+    zero strides) and the backward, configured by `_pairs_config` and `_direct_config` as the
+    launcher calls them.
 
     The training step feeds the energy fp32 image, probabilities and gate whatever the autocast
     dtype (more_fast/losses.py reg_loss upcasts), and the pairs kernel reads its own fp16 copies.
     """
-    cfg = _pairs_config(case.C, 3)
+    from ._launch import aot_kernel
+
     shapes = f"B{case.B} C{case.C} {case.H}x{case.W}"
-    fwd = KernelConfig(
-        name="energy_pairs",
-        fn=_energy_pairs_kernel,
-        signature={"f_ptr": "*fp16", "g_ptr": "*fp16", "s_ptr": "*fp16", "row_ptr": "*fp32",
-                   "col_ptr": "*fp32", "n_tiles": "i32",
-                   "K": "constexpr", "BLOCK": "constexpr", "BLOCK_Q": "constexpr", "BLOCK_C": "constexpr",
-                   "BLOCK_C2": "constexpr", "C_TOTAL": "constexpr", "SYMMETRIC": "constexpr"},
-        constexprs={k: cfg[k] for k in ("K", "BLOCK", "BLOCK_Q", "BLOCK_C", "BLOCK_C2", "C_TOTAL", "SYMMETRIC")},
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], shapes=shapes,
-    )
-    bwd = KernelConfig(
-        name="energy_bwd",
-        fn=_energy_bwd_kernel,
-        signature={"grad_ptr": "*fp32", "as_ptr": "*fp32", "out_ptr": "*fp32", "N": "i32", "scale": "fp32",
-                   "BLOCK": "constexpr"},
-        constexprs={"BLOCK": _BWD_BLOCK},
-        num_warps=4, num_stages=3, shapes=shapes,
-    )
-    return [fwd, bwd]
+    out, seen = [], []
+    for name, deterministic in (("energy_pairs", False), ("energy_pairs_det", True)):
+        cfg = _pairs_config(case.C, 3, deterministic)
+        if cfg in seen:
+            continue
+        seen.append(cfg)
+        _, n_tiles = _pairs_grid(case.H * case.W, cfg)
+        consts = {k: cfg[k] for k in ("K", "BLOCK", "BLOCK_Q", "BLOCK_C", "BLOCK_C2", "C_TOTAL", "SYMMETRIC")}
+        out.append(aot_kernel(name, _energy_pairs_kernel, dict(
+            f_ptr="*fp16", g_ptr="*fp16", s_ptr="*fp16", row_ptr="*fp32", col_ptr="*fp32", n_tiles=n_tiles,
+            **consts), cfg["num_warps"], cfg["num_stages"], shapes))
+    out.append(direct_aot_config(case, _direct_config(case.C), gate_strides=(0, 0, 0)))
+    n = case.B * case.C * case.H * case.W
+    out.append(aot_kernel("energy_bwd", _energy_bwd_kernel, dict(
+        grad_ptr="*fp32", as_ptr="*fp32", out_ptr="*fp32", N=n, scale=-2.0 / case.B, BLOCK=_BWD_BLOCK),
+        4, 3, shapes))
+    return out
+
+
+def direct_aot_config(case: AotCase, cfg: dict, gate_strides=None, name: str = "energy_direct") -> KernelConfig:
+    """The direct kernel under `cfg` (blocks, warps, stages; DOT_PRECISION tf32x3 by default) for
+    contiguous fp32 B x 3 x H x W image and B x C x H x W probabilities, specialized as the JIT
+    does; gate_strides: the gate's (default: a contiguous B x H x W gate)."""
+    from ._launch import aot_kernel
+
+    h, w, c = case.H, case.W, case.C
+    hw = h * w
+    gs = (hw, w, 1) if gate_strides is None else tuple(gate_strides)
+    args = dict(img_ptr="*fp32", s_ptr="*fp32", gate_ptr="*fp32", as_ptr="*fp32", part_ptr="*fp32", H=h, W=w, C=c,
+                s_ib=3 * hw, s_ic=hw, s_ih=w, s_iw=1, s_sb=c * hw, s_sc=hw, s_sh=w, s_sw=1,
+                s_gb=gs[0], s_gh=gs[1], s_gw=gs[2], a_xy=1.0, a_rgb=1.0, NUM_CH=3,
+                BLOCK_P=cfg["BLOCK_P"], BLOCK_Q=cfg["BLOCK_Q"], BLOCK_C=cfg["BLOCK_C"],
+                DOT_PRECISION=cfg.get("DOT_PRECISION", "tf32x3"))
+    return aot_kernel(name, _energy_direct_kernel, args, cfg["num_warps"], cfg["num_stages"],
+                      f"B{case.B} C{c} {h}x{w}")

@@ -86,6 +86,7 @@ def test_dispatch_is_triton():
         (2, 5, 13, 17, torch.float32, 15.0, 50.0),  # the published sigmas
         (1, 1, 24, 20, torch.float32, 15.0, 10.0),  # C = 1, HW = 480 (not a tile multiple)
         (2, 21, 13, 17, torch.float32, 4.0, 1.5),  # narrow kernel, W nearly diagonal: the direct kernel
+        (1, 40, 9, 11, torch.float32, 4.0, 1.5),  # the direct kernel over two channel blocks (32)
         (2, 21, 13, 17, torch.float32, 15.0, 1.5),  # narrow in xy on the split kernel
         (1, 130, 7, 9, torch.float32, 15.0, 5.0),  # C above one channel block (128)
         (2, 21, 13, 17, torch.float16, 15.0, 10.0),
@@ -232,17 +233,36 @@ def test_split_exponent_error(pattern):
 
 def test_aot_configs_are_the_launch_configs():
     """aot_configs describes what the launcher runs: symmetric 128-pixel tiles at VOC, two-sided
-    64 x 128 tiles of 64 + 32 channels at COCO, every constexpr and argument of the kernel named."""
+    64 x 128 tiles of 64 + 32 channels at COCO (and in the deterministic mode), the direct
+    fallback and the backward, every constexpr and argument of the kernel named, the integer
+    arguments at their launch values (n_tiles: 392 row tiles at 224 x 224 of 128, 784 of 64)."""
     from kernels._launch import AotCase
 
-    for c, symmetric, block, c_total in ((21, True, 128, 32), (81, False, 64, 96)):
-        fwd, bwd = k_energy.aot_configs(AotCase("x", C=c))
-        assert fwd.constexprs == {k: v for k, v in k_energy._pairs_config(c, 3).items()
-                                  if k not in ("num_warps", "num_stages")}
-        got = (fwd.constexprs["SYMMETRIC"], fwd.constexprs["BLOCK"], fwd.constexprs["C_TOTAL"])
-        assert got == (symmetric, block, c_total)
-        assert list(fwd.signature) == list(fwd.fn.arg_names) and list(bwd.signature) == list(bwd.fn.arg_names)
-        assert fwd.num_warps == k_energy._pairs_config(c, 3)["num_warps"]
+    for c, symmetric, block, c_total, n_tiles in ((21, True, 128, 32, 392), (81, False, 64, 96, 784)):
+        for cc in (80, 90):
+            kcs = {kc.name: kc for kc in k_energy.aot_configs(AotCase("x", C=c, cc=cc))}
+            assert set(kcs) == ({"energy_pairs", "energy_pairs_det"} if symmetric else {"energy_pairs"}) | {
+                "energy_direct", "energy_bwd"}
+            for name, deterministic in (("energy_pairs", False), ("energy_pairs_det", True)):
+                cfg = k_energy._pairs_config(c, 3, deterministic)
+                fwd = kcs.get(name, kcs["energy_pairs"])
+                assert fwd.constexprs == {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+                assert (fwd.num_warps, fwd.num_stages) == (cfg["num_warps"], cfg["num_stages"])
+                assert k_energy._pairs_grid(224 * 224, cfg)[1] == (n_tiles if not deterministic else 784)
+            fwd = kcs["energy_pairs"]
+            assert (fwd.constexprs["SYMMETRIC"], fwd.constexprs["BLOCK"], fwd.constexprs["C_TOTAL"]) == (
+                symmetric, block, c_total)
+            names = list(fwd.fn.arg_names)
+            assert list(fwd.signature) == names
+            # pointers 16-byte aligned; n_tiles divisible by 16 exactly when the launch value is
+            div16 = {names[i[0]] for i in fwd.attrs}
+            assert div16 == {"f_ptr", "g_ptr", "s_ptr", "row_ptr", "col_ptr"} | ({"n_tiles"} if n_tiles % 16 == 0
+                                                                               else set())
+            direct = kcs["energy_direct"]
+            assert direct.constexprs["BLOCK_C"] == k_energy._direct_config(c)["BLOCK_C"]
+            assert direct.num_warps == k_energy._direct_config(c)["num_warps"]
+            for kc in kcs.values():
+                assert set(kc.signature) == set(kc.fn.arg_names)
 
 
 def test_strided_inputs_other_channel_count_and_no_grad_for_image_gate():
