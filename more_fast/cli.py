@@ -58,7 +58,7 @@ def cam_scales(text: str) -> tuple:
     except ValueError:
         values = ()
     if not values or not all(math.isfinite(v) and v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0, got {text}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0, got {text or 'nothing'}")
     return values
 
 
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=positive_int, help=f"validate every N iterations ({d('eval_every')})")
     p.add_argument("--log-every", type=positive_int, help=f"log every N iterations ({d('log_every')})")
     p.add_argument("--out", help="output folder (default runs/<data>; with --resume and no --out: the resume folder)")
-    p.add_argument("--resume", help="folder holding checkpoints to continue from (the newest readable one)")
+    p.add_argument("--resume", help="folder holding checkpoints to continue from (the newest readable one; default: a fresh run)")
     p.add_argument("--seed", type=int, help=f"random seed ({d('seed')})")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (on the CPU only where bf16 is native; default: off)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model and the losses (default: off)")
@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: with GCR)")
     p.add_argument("--set", dest="set_fields", action="append", default=[], metavar="FIELD=VALUE",
                    help="set any TrainConfig field (repeatable, applied last), e.g. --set w_cre=0 --set gcr=off; "
-                        "bools take on/off, Optional fields none, tuples comma-separated numbers")
+                        "bools take on/off, Optional fields none, tuples comma-separated numbers (default: none)")
     p.epilog = STOP_EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     return p

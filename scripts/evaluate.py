@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a training checkpoint, a converted published one "
                    "(scripts/convert_checkpoint.py), or a published MoRe checkpoint")
     p.add_argument("--data", choices=("voc", "coco", "synthetic"), default="synthetic", help="data set (default: synthetic)")
-    p.add_argument("--data-root", help="data folder in the VOC layout (synthetic: the cache folder, "
-                   "default data_cache/synthetic, generated when missing)")
+    p.add_argument("--data-root", help="data folder in the VOC layout (default: the training run's with the same --data; synthetic: the cache "
+                   "folder, default data_cache/synthetic, generated when missing)")
     p.add_argument("--split", default="val", help="split list name (VOC also test: no masks, PNGs only; default: val)")
     p.add_argument("--protocol", choices=("train-val", "published", "both"), default="published",
                    help="see below (default: published)")
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dense CRF on the published LAM and decoder (needs `pip install pydensecrf2`; default: off)")
     p.add_argument("--crf-workers", type=non_negative_int, default=0,
                    help="processes for the CRF (0: in this process; default: 0)")
-    p.add_argument("--save-png", metavar="DIR", help="write the chosen prediction of every image as a VOC palette PNG")
+    p.add_argument("--save-png", metavar="DIR", help="write the chosen prediction of every image as a VOC palette PNG (default: none)")
     p.add_argument("--save-map", choices=("lam", "decoder", "cam", "aux_cam"), default="lam",
                    help="the prediction --save-png writes (default lam: the published 76.4 protocol)")
     p.add_argument("--image-labels", choices=("classifier", "gt"), default="classifier",
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA; default: off)")
     p.add_argument("--limit", type=positive_int, metavar="N",
                    help="evaluate only the first N images (a quick look; default: all)")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON (default: none)")
     return p
 
 
