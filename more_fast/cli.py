@@ -14,6 +14,13 @@ from typing import Optional, Sequence
 from .training.config import RECIPES, TrainConfig
 
 
+def integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text}") from None
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -133,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=positive_int, help=f"log every N iterations ({d('log_every')})")
     p.add_argument("--out", help="output folder (default runs/<data>; with --resume and no --out: the resume folder)")
     p.add_argument("--resume", help="folder holding checkpoints to continue from (the newest readable one; default: a fresh run)")
-    p.add_argument("--seed", type=int, help=f"random seed ({d('seed')})")
+    p.add_argument("--seed", type=integer, help=f"random seed ({d('seed')})")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (on the CPU only where bf16 is native; default: off)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model and the losses (default: off)")
     p.add_argument("--workers", type=non_negative_int, help=f"DataLoader workers ({d('workers')})")

@@ -531,6 +531,7 @@ def test_train_help_reads_the_recipes():
 @pytest.mark.parametrize("argv, message", [
     (["--iters", "x"], "argument --iters: expected a positive integer, got x"),
     (["--workers", "two"], "argument --workers: expected an integer >= 0, got two"),
+    (["--seed", "abc"], "argument --seed: expected an integer, got abc"),
     (["--eval-bkg", "1.5"], "argument --eval-bkg: expected a number in [0, 1], got 1.5"),
 ])
 def test_train_flag_messages_are_readable(argv, message):
