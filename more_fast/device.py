@@ -16,7 +16,9 @@ def _cuda_count() -> int:
 def _have(count: int) -> str:
     if count == 0:
         return "this machine has no CUDA device"
-    return f"this machine has {count} CUDA device{'s' if count > 1 else ''} (cuda:0..cuda:{count - 1})"
+    if count == 1:
+        return "this machine has 1 CUDA device (cuda:0)"
+    return f"this machine has {count} CUDA devices (cuda:0 to cuda:{count - 1})"
 
 
 def device_problem(name: str) -> tuple[Optional[torch.device], str]:
