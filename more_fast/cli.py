@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import pathlib
 import sys
@@ -13,74 +14,161 @@ from typing import Optional, Sequence
 from .training.config import RECIPES, TrainConfig
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
+def integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text}") from None
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
     return value
 
 
-def _crop(text: str) -> int:
-    return _positive_int(text)  # a multiple of the patch size: checked once the backbone is known
+def unit_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
+
+
+def crop_size(text: str) -> int:
+    try:
+        return positive_int(text)  # a multiple of the patch size: checked once the backbone is known
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (a multiple of the patch size), got {text}")
+
+
+def cam_scales(text: str) -> tuple:
+    """"1.0,0.5" -> (1.0, 0.5): the scales of the multi-scale CAM, each > 0."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0, got {text or 'nothing'}")
+    return values
+
+
+def device_name(text: str) -> str:
+    """auto, cpu, cuda or cuda:N, checked against the GPUs of this machine."""
+    name = text.strip().lower()
+    if name != "auto":  # auto always resolves (to the CPU where there is no GPU); --help needs no torch
+        from .device import device_problem
+
+        device, problem = device_problem(name)
+        if device is None:
+            raise argparse.ArgumentTypeError(problem)
+    return name
+
+
+KERNEL_CHOICES = ("auto", "triton", "reference")
+
+
+def common_parser(crop_help: str) -> argparse.ArgumentParser:
+    """--device, --kernels and --crop-size, declared once for train.py, evaluate.py and infer.py."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--device", type=device_name, default="auto",
+                   help="auto, cpu, cuda or cuda:N (auto and cuda: cuda:LOCAL_RANK under torchrun; "
+                        "auto: the CPU where there is no GPU; default: auto)")
+    p.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
+                   help="fused-op backend (auto: triton where it runs, else the PyTorch reference; default: auto)")
+    p.add_argument("--crop-size", type=crop_size, metavar="N", help=f"network input size, a multiple of the "
+                   f"backbone's patch size ({crop_help})")
+    return p
+
+
+def _show(field: str, value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    if value is None:
+        return {"depth": "the named model's", "patch_size": "the named model's", "pretrained": "none",
+                "keep_checkpoints": "keep all"}.get(field, "none")
+    return str(value)
+
+
+def recipe_default(field: str) -> str:
+    """"default: X" or, where the recipes differ, "default: X (synthetic), Y (voc), Z (coco)"."""
+    shown = {data: _show(field, RECIPES[data].get(field, getattr(TrainConfig, field))) for data in RECIPES}
+    if len(set(shown.values())) == 1:
+        return f"default: {shown['synthetic']}"
+    return "default: " + ", ".join(f"{value} ({data})" for data, value in shown.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
+    d = recipe_default
     p = argparse.ArgumentParser(
-        prog="train.py", description="Train MoRe. With no data flags: the built-in synthetic set and a small ViT.")
-    p.add_argument("--data", choices=("synthetic", "voc", "coco"), default="synthetic",
-                   help="data set; voc/coco select the published recipe (SPEC 6) as defaults")
-    p.add_argument("--data-root", help="data folder in the VOC layout (synthetic: cache folder)")
-    p.add_argument("--split-list", help="file listing the training images (overrides ImageSets/Segmentation/<split>.txt)")
-    p.add_argument("--backbone", help="timm ViT name (default: vit_tiny_patch16_224; voc/coco: vit_base_patch16_224)")
-    p.add_argument("--depth", type=_positive_int, help="number of ViT blocks (default: the named model's)")
-    p.add_argument("--patch-size", type=_positive_int, help="ViT patch size (default: the named model's)")
+        prog="train.py", description="Train MoRe. With no data flags: the built-in synthetic set and a small ViT.",
+        parents=[common_parser(d("crop_size"))])
+    p.add_argument("--data", choices=tuple(RECIPES), default="synthetic",
+                   help="data set; voc/coco select the published recipe as defaults (default: synthetic)")
+    p.add_argument("--data-root", help="data folder in the VOC layout (synthetic: cache folder, "
+                   "default data_cache/synthetic; voc/coco: required)")
+    p.add_argument("--split-list", help="file listing the training images "
+                   "(default: ImageSets/Segmentation/<split>.txt of --data-root)")
+    p.add_argument("--backbone", help=f"timm ViT name ({d('backbone')})")
+    p.add_argument("--depth", type=positive_int, help=f"number of ViT blocks ({d('depth')})")
+    p.add_argument("--patch-size", type=positive_int, help=f"ViT patch size ({d('patch_size')})")
     p.add_argument("--pretrained", help="backbone weights: a local timm ViT file (.pth or .safetensors) or "
-                   "timm:<tag>, fetched by timm (voc/coco default: timm:vit_base_patch16_224.orig_in21k_ft_in1k, "
-                   "the published jx_vit_base_p16_224-80ecf9dd.pth); none: random initialization")
-    p.add_argument("--iters", type=_positive_int, help="iterations to run")
-    p.add_argument("--schedule-iters", type=_positive_int,
+                   "timm:<tag>, fetched by timm; none: random initialization (voc/coco default: "
+                   "timm:vit_base_patch16_224.orig_in21k_ft_in1k, the published jx_vit_base_p16_224-80ecf9dd.pth; "
+                   "synthetic: none)")
+    p.add_argument("--iters", type=positive_int, help=f"iterations to run ({d('iters')})")
+    p.add_argument("--schedule-iters", type=positive_int,
                    help="length of the LR schedule and loss phases (default: max(--iters, the recipe's length))")
-    p.add_argument("--batch-size", type=_positive_int)
-    p.add_argument("--crop-size", type=_crop)
-    p.add_argument("--eval-every", type=_positive_int)
-    p.add_argument("--log-every", type=_positive_int)
+    p.add_argument("--batch-size", type=positive_int, help=f"images per step and process ({d('batch_size')})")
+    p.add_argument("--eval-every", type=positive_int, help=f"validate every N iterations ({d('eval_every')})")
+    p.add_argument("--log-every", type=positive_int, help=f"log every N iterations ({d('log_every')})")
     p.add_argument("--out", help="output folder (default runs/<data>; with --resume and no --out: the resume folder)")
-    p.add_argument("--resume", help="folder holding checkpoints to continue from (the newest readable one)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (on the CPU only where bf16 is native)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model and the losses")
+    p.add_argument("--resume", help="folder holding checkpoints to continue from (the newest readable one; default: a fresh run)")
+    p.add_argument("--seed", type=integer, help=f"random seed ({d('seed')})")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (on the CPU only where bf16 is native; default: off)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model and the losses (default: off)")
     p.add_argument("--tensorboard", action="store_true",
-                   help="also write the metrics and panels to <out>/tensorboard (needs the tensorboard extra)")
-    p.add_argument("--kernels", choices=("auto", "triton", "reference"), help="fused-op backend (default auto)")
-    p.add_argument("--workers", type=_non_negative_int, help="DataLoader workers")
-    p.add_argument("--device", help="auto, cpu or cuda")
-    p.add_argument("--num-classes", type=_positive_int, help="synthetic only: number of classes (1..6)")
-    p.add_argument("--cam-scales", type=lambda t: tuple(float(v) for v in t.split(",")),
-                   help="comma-separated scales of the multi-scale CAM (default: the recipe's)")
-    p.add_argument("--eval-bkg", type=float, help="background score of the CAM/LAM label maps in evaluation")
+                   help="also write the metrics and panels to <out>/tensorboard (needs the tensorboard extra; default: off)")
+    p.add_argument("--workers", type=non_negative_int, help=f"DataLoader workers ({d('workers')})")
+    p.add_argument("--num-classes", type=positive_int,
+                   help=f"synthetic only: number of classes, 1..6 ({d('num_classes').split(' (')[0]})")
+    p.add_argument("--cam-scales", type=cam_scales, metavar="S,S,...",
+                   help=f"comma-separated scales of the multi-scale CAM ({d('cam_scales')})")
+    p.add_argument("--eval-bkg", type=unit_number,
+                   help=f"background score of the CAM/LAM label maps in evaluation ({d('eval_bkg')})")
     p.add_argument("--on-nonfinite", choices=("stop", "skip"),
-                   help="stop (default) or skip the step on a non-finite loss (skip syncs every step)")
-    p.add_argument("--save-every", type=_positive_int, metavar="N",
+                   help="stop or skip the step on a non-finite loss (skip syncs every step; default: stop)")
+    p.add_argument("--save-every", type=positive_int, metavar="N",
                    help="write a checkpoint every N iterations, besides those at each evaluation and at the end "
-                        "(default 200; voc/coco 1000)")
-    p.add_argument("--keep-checkpoints", type=_positive_int, metavar="K",
+                        f"({d('save_every')})")
+    p.add_argument("--keep-checkpoints", type=positive_int, metavar="K",
                    help="after each save delete all checkpoints but the newest K and the best by validation "
                         "LAM mIoU (default: keep all)")
     p.add_argument("--on-bad-sample", choices=("stop", "skip"),
-                   help="a training image or mask that cannot be read: stop (default: checkpoint, one line, "
-                        "exit 2) or skip (replace it by another of the split; listed in metrics.jsonl)")
+                   help="a training image or mask that cannot be read: stop (checkpoint, one line, exit 2) "
+                        "or skip (replace it by another of the split; listed in metrics.jsonl) (default: stop)")
     p.add_argument("--no-gcr", dest="gcr", action="store_false", default=None,
-                   help="class tokens go to the losses and the LAM without the GCR module (the ablation baseline)")
+                   help="class tokens go to the losses and the LAM without the GCR module (the ablation baseline; "
+                        "default: with GCR)")
     p.add_argument("--set", dest="set_fields", action="append", default=[], metavar="FIELD=VALUE",
                    help="set any TrainConfig field (repeatable, applied last), e.g. --set w_cre=0 --set gcr=off; "
-                        "bools take on/off, Optional fields none, tuples comma-separated numbers")
+                        "bools take on/off, Optional fields none, tuples comma-separated numbers (default: none)")
     p.epilog = STOP_EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     return p
@@ -181,13 +269,6 @@ def parse_set(items: Sequence[str]) -> dict:
     return values
 
 
-_FLAG_TO_FIELD = {"batch_size": "batch_size", "crop_size": "crop_size", "eval_every": "eval_every",
-                  "log_every": "log_every", "data_root": "data_root", "split_list": "split_list",
-                  "schedule_iters": "schedule_iters", "patch_size": "patch_size", "cam_scales": "cam_scales", "num_classes": "num_classes", "eval_bkg": "eval_bkg",
-                  "on_nonfinite": "on_nonfinite"}
-_FLAG_TO_FIELD.update(save_every="save_every", keep_checkpoints="keep_checkpoints", on_bad_sample="on_bad_sample")
-
-
 def config_from_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     """Parse flags into a TrainConfig: recipe defaults first, then the given flags; errors exit early."""
     parser = build_parser()
@@ -198,17 +279,10 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
             setattr(args, name, value)
     values = dict(RECIPES[args.data])
     values["data"] = args.data
-    for name in ("backbone", "depth", "pretrained", "iters", "out", "resume", "seed", "kernels", "workers", "device"):
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
-    for flag, field in _FLAG_TO_FIELD.items():
-        if getattr(args, flag) is not None:
-            values[field] = getattr(args, flag)
-    values["amp"] = args.amp
-    values["compile"] = args.compile
-    values["tensorboard"] = args.tensorboard
-    if args.gcr is not None:
-        values["gcr"] = args.gcr
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    for name, value in vars(args).items():  # each flag's dest is its TrainConfig field; None: not given
+        if name in known and value is not None:
+            values[name] = value
     values.update(overrides)
     if "out" not in values:
         values["out"] = args.resume if args.resume else f"runs/{args.data}"
@@ -250,13 +324,13 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
 
         if not timm.is_model(args.backbone):
             parser.error(f"--backbone: unknown timm model {args.backbone!r} (see timm.list_models('vit_*'))")
-    if args.eval_bkg is not None and not 0.0 <= args.eval_bkg <= 1.0:
-        parser.error(f"--eval-bkg: expected a number in [0, 1], got {args.eval_bkg}")
     if args.resume and not pathlib.Path(args.resume).is_dir():
         parser.error(f"--resume: no such folder {args.resume}")
-    if args.device and args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
-        parser.error(f"--device: expected auto, cpu or cuda[:N], got {args.device}")
+    if values.get("device", "auto") != "auto":  # --set device=... too; the flag's own type checked it already
+        from .device import device_problem
+
+        if device_problem(values["device"])[0] is None:
+            parser.error(f"--device: {device_problem(values['device'])[1]}")
     if args.data == "synthetic" and args.num_classes is not None and not 1 <= args.num_classes <= 6:
         parser.error(f"--num-classes: expected 1..6 for the synthetic set, got {args.num_classes}")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in values.items() if k in known})

@@ -21,7 +21,7 @@ def main(argv=None) -> int:
                    help="published MoRe checkpoint (.pth; a top-level 'model'/'state_dict' and 'module.' are handled)")
     p.add_argument("--out", required=True, metavar="DST", help="output file (written atomically)")
     p.add_argument("--ignore-unknown", action="store_true",
-                   help="drop (and list) tensors that MoReNet has no place for instead of failing")
+                   help="drop (and list) tensors that MoReNet has no place for instead of failing (default: off)")
     args = p.parse_args(argv)
     try:
         report = convert_file(args.from_more, args.out, ignore_unknown=args.ignore_unknown)

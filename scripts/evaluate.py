@@ -32,37 +32,42 @@ import time
 
 import torch
 
+from more_fast.cli import common_parser, non_negative_int, positive_int
+
+CROP_HELP = "default: the training crop, else 448"
+
 
 def build_parser() -> argparse.ArgumentParser:
     doc = __doc__.split("\n\n")
-    p = argparse.ArgumentParser(prog="evaluate.py", description=doc[0],
+    p = argparse.ArgumentParser(prog="evaluate.py", description=doc[0], parents=[common_parser(CROP_HELP)],
                                 epilog="\n\n".join(doc[2:]), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a training checkpoint, a converted published one "
                    "(scripts/convert_checkpoint.py), or a published MoRe checkpoint")
-    p.add_argument("--data", choices=("voc", "coco", "synthetic"), default="synthetic")
-    p.add_argument("--data-root", help="data folder in the VOC layout (synthetic: the cache folder, "
-                   "default data_cache/synthetic, generated when missing)")
-    p.add_argument("--split", default="val", help="split list name (val; VOC also test: no masks, PNGs only)")
-    p.add_argument("--protocol", choices=("train-val", "published", "both"), default="published")
+    p.add_argument("--data", choices=("voc", "coco", "synthetic"), default="synthetic", help="data set (default: synthetic)")
+    p.add_argument("--data-root", help="data folder in the VOC layout (default: the training run's with the same --data; synthetic: the cache "
+                   "folder, default data_cache/synthetic, generated when missing)")
+    p.add_argument("--split", default="val", help="split list name (VOC also test: no masks, PNGs only; default: val)")
+    p.add_argument("--protocol", choices=("train-val", "published", "both"), default="published",
+                   help="see below (default: published)")
     p.add_argument("--crf", action="store_true",
-                   help="dense CRF on the published LAM and decoder (needs `pip install pydensecrf2`)")
-    p.add_argument("--crf-workers", type=int, default=0, help="processes for the CRF (0: in this process)")
-    p.add_argument("--save-png", metavar="DIR", help="write the chosen prediction of every image as a VOC palette PNG")
+                   help="dense CRF on the published LAM and decoder (needs `pip install pydensecrf2`; default: off)")
+    p.add_argument("--crf-workers", type=non_negative_int, default=0,
+                   help="processes for the CRF (0: in this process; default: 0)")
+    p.add_argument("--save-png", metavar="DIR", help="write the chosen prediction of every image as a VOC palette PNG (default: none)")
     p.add_argument("--save-map", choices=("lam", "decoder", "cam", "aux_cam"), default="lam",
                    help="the prediction --save-png writes (default lam: the published 76.4 protocol)")
     p.add_argument("--image-labels", choices=("classifier", "gt"), default="classifier",
-                   help="published protocol: image labels of CAM/LAM from the classifier or the ground truth")
+                   help="published protocol: image labels of CAM/LAM from the classifier or the ground truth "
+                   "(default: classifier)")
     p.add_argument("--decoder-protocol", choices=("published", "mean_prob"), default="published",
                    help="published protocol's decoder: max over scales of the flip-summed logits (published) "
-                   "or the mean softmax probability of all passes")
-    p.add_argument("--crop-size", type=int, help="network input size (default: the training crop, else 448)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
-    p.add_argument("--kernels", choices=("auto", "triton", "reference"), help="fused-op backend")
-    p.add_argument("--limit", type=int, help="evaluate only the first N images (a quick look)")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+                   "or the mean softmax probability of all passes (default: published)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="images per forward (default: 1)")
+    p.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader workers (default: 2)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA; default: off)")
+    p.add_argument("--limit", type=positive_int, metavar="N",
+                   help="evaluate only the first N images (a quick look; default: all)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON (default: none)")
     return p
 
 
@@ -96,14 +101,6 @@ def warn(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda requested but no CUDA device is available")
-    return torch.device(name)
-
-
 def format_rows(title: str, results: dict) -> str:
     labels = {"cam": "CAM", "aux_cam": "aux CAM", "lam": "LAM", "decoder": "decoder", "lam_crf": "LAM + CRF",
               "decoder_crf": "decoder + CRF", "background": "all-background"}
@@ -116,7 +113,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import kernels  # here, not at the top: --help stays fast
 
-    with kernels.use_backend(args.kernels) if args.kernels else contextlib.nullcontext():
+    with kernels.use_backend(args.kernels) if args.kernels != "auto" else contextlib.nullcontext():
         return _main(args)
 
 
@@ -124,13 +121,14 @@ def _main(args) -> int:
     from more_fast.artifacts import ArtifactMeter, format_artifacts, measure_artifacts
     from more_fast.checkpoint import load_checkpoint
     from more_fast.data import save_label_png
+    from more_fast.device import resolve_device
     from more_fast.protocols import OriginalSize, collate_list, evaluate_published
     from more_fast.training.config import RECIPES, TrainConfig
     from more_fast.training.data import build_dataset, eval_loader, resolve_data_root, skip_bad
     from more_fast.training.evaluate import evaluate
 
-    device = resolve_device(args.device)
     try:
+        device = resolve_device(args.device)
         model, meta = load_checkpoint(args.checkpoint, map_location=device)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -144,8 +142,9 @@ def _main(args) -> int:
     if args.data_root:
         values["data_root"] = args.data_root
     crop = args.crop_size or trained.get("crop_size") or 448
-    if crop % model.encoder.patch_size:
-        print(f"error: --crop-size {crop} is not a multiple of {model.encoder.patch_size}", file=sys.stderr)
+    if crop % model.encoder.patch_size:  # the checkpoint's backbone decides
+        print(f"error: --crop-size: expected a multiple of the patch size {model.encoder.patch_size} of "
+              f"{model.config['backbone']}, got {crop}", file=sys.stderr)
         return 2
     values["crop_size"] = crop
     cfg = TrainConfig(**{key: val for key, val in values.items() if key in TrainConfig.__dataclass_fields__})
@@ -159,19 +158,19 @@ def _main(args) -> int:
         print(f"error: the checkpoint has {k} classes, the {args.data} data set {dataset.num_classes}",
               file=sys.stderr)
         return 2
-    if args.limit:
-        dataset.names, dataset.image_paths = dataset.names[:args.limit], dataset.image_paths[:args.limit]
-        dataset.mask_paths, dataset.cls_labels = dataset.mask_paths[:args.limit], dataset.cls_labels[:args.limit]
+
+    def trim(data):  # --limit: the first N samples, whatever wraps the data set
+        return torch.utils.data.Subset(data, range(min(args.limit, len(data)))) if args.limit else data
     amp = torch.bfloat16 if args.amp and device.type == "cuda" else None
     print(f"checkpoint {args.checkpoint}: {model.config['backbone']}, K = {k}"
           + (f", iteration {meta['iteration']}" if "iteration" in meta else "")
-          + f" | {args.data} {args.split}: {len(dataset)} images | device {device} | input {crop} x {crop}")
+          + f" | {args.data} {args.split}: {len(trim(dataset))} images | device {device} | input {crop} x {crop}")
     report = {"checkpoint": str(args.checkpoint), "data": args.data, "split": args.split, "crop_size": crop}
 
     if args.protocol in ("train-val", "both"):
         t0 = time.perf_counter()
         meter = ArtifactMeter(k, device)
-        results = evaluate(model, eval_loader(dataset, cfg, device, report=warn), k, device, cfg.cam_scales, cfg.eval_bkg,
+        results = evaluate(model, eval_loader(trim(dataset), cfg, device, report=warn), k, device, cfg.cam_scales, cfg.eval_bkg,
                            amp_dtype=amp, artifacts=meter)
         print(format_rows(f"train-val protocol (scales {tuple(cfg.cam_scales)}, ground-truth image labels, "
                           f"background {cfg.eval_bkg}, at {crop} x {crop}; {time.perf_counter() - t0:.0f} s)", results))
@@ -187,7 +186,7 @@ def _main(args) -> int:
 
             def save(name, label):
                 save_label_png(folder / f"{name}.png", label)
-        loader = torch.utils.data.DataLoader(SkipUnreadable(OriginalSize(dataset), dataset), batch_size=args.batch_size,
+        loader = torch.utils.data.DataLoader(trim(SkipUnreadable(OriginalSize(dataset), dataset)), batch_size=args.batch_size,
                                              shuffle=False, num_workers=args.workers, collate_fn=collate_list)
         loader = skip_bad(loader, warn)  # a bad image: one line, and the rest evaluated
         executor = None
@@ -218,7 +217,7 @@ def _main(args) -> int:
             print(f"wrote {results['images']} PNGs ({args.save_map}{' + CRF' if args.crf and args.save_map in ('lam', 'decoder') else ''}) to {args.save_png}")
         report["published"] = results
         if "artifact" not in report and results["has_ground_truth"]:
-            report["artifact"] = measure_artifacts(model, eval_loader(dataset, cfg, device), k, device, amp)
+            report["artifact"] = measure_artifacts(model, eval_loader(trim(dataset), cfg, device), k, device, amp)
             print(format_artifacts(report["artifact"]) + f" (at {crop} x {crop}, single scale)")
 
     if args.json:

@@ -23,23 +23,25 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from more_fast.cli import cam_scales, common_parser
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def build_parser() -> argparse.ArgumentParser:
     doc = __doc__.split("\n\n")
     p = argparse.ArgumentParser(prog="infer.py", description=doc[0], epilog="\n\n".join(doc[2:]),
+                                parents=[common_parser("default: the training crop, else 448")],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a training checkpoint or a converted published one")
     p.add_argument("--images", required=True, help="folder of images (jpg, png, ...)")
     p.add_argument("--out", required=True, help="output folder for the panels")
-    p.add_argument("--crop-size", type=int, help="network input size (default: the training crop, else 448)")
-    p.add_argument("--scales", default="1.0,0.5,0.75,1.5", help="CAM/LAM scales, comma separated")
-    p.add_argument("--prediction", choices=("decoder", "lam"), default="decoder")
+    p.add_argument("--scales", type=cam_scales, default="1.0,0.5,0.75,1.5", metavar="S,S,...",
+                   help="CAM/LAM scales, comma separated (default: 1.0,0.5,0.75,1.5)")
+    p.add_argument("--prediction", choices=("decoder", "lam"), default="decoder",
+                   help="the last tile: the decoder's prediction or the LAM's (default: decoder)")
     p.add_argument("--class-names", choices=("auto", "voc", "coco", "synthetic", "index"), default="auto",
-                   help="names in predictions.json (auto: by the number of classes)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--kernels", choices=("auto", "triton", "reference"), help="fused-op backend")
+                   help="names in predictions.json (auto: by the number of classes; default: auto)")
     return p
 
 
@@ -66,19 +68,16 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import kernels  # here, not at the top: --help stays fast
 
-    with kernels.use_backend(args.kernels) if args.kernels else contextlib.nullcontext():
+    with kernels.use_backend(args.kernels) if args.kernels != "auto" else contextlib.nullcontext():
         return _main(args)
 
 
 def _main(args) -> int:
-    from more_fast import cam as C
+    from more_fast import cam
     from more_fast.checkpoint import load_checkpoint
     from more_fast.data import normalize, voc_palette
+    from more_fast.device import resolve_device
 
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
     folder, out = pathlib.Path(args.images), pathlib.Path(args.out)
     if not folder.is_dir():
         print(f"error: --images: no such folder {folder}", file=sys.stderr)
@@ -88,15 +87,16 @@ def _main(args) -> int:
         print(f"error: --images: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}", file=sys.stderr)
         return 2
     try:
+        device = resolve_device(args.device)
         model, meta = load_checkpoint(args.checkpoint, map_location=device)
-        scales = tuple(float(s) for s in args.scales.split(","))
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     crop = args.crop_size or (meta.get("config") or {}).get("crop_size") or 448
     patch = model.encoder.patch_size
     if crop % patch:
-        print(f"error: --crop-size {crop} is not a multiple of {patch}", file=sys.stderr)
+        print(f"error: --crop-size: expected a multiple of the patch size {patch} of "
+              f"{model.config['backbone']}, got {crop}", file=sys.stderr)
         return 2
     names = class_names(args.class_names, model.num_classes)
     palette = voc_palette()
@@ -118,14 +118,14 @@ def _main(args) -> int:
             labels = (prob > 0.5).float()
             if labels.sum() == 0:
                 labels[prob.argmax()] = 1.0
-            reuse = model.cams(o) + (C.lam_from_tokens(o.patch_tokens, o.class_tokens, o.grid),)
-            maps = C.multiscale_maps(model, x, scales, reuse=reuse, with_lam=True)
+            reuse = model.cams(o) + (cam.lam_from_tokens(o.patch_tokens, o.class_tokens, o.grid),)
+            maps = cam.multiscale_maps(model, x, args.scales, reuse=reuse, with_lam=True)
             cpa = o.class_patch_attn.float().reshape(1, model.num_classes, *o.grid)
-            cpa = C.minmax_normalize(F.interpolate(cpa, size=(crop, crop), mode="bilinear", align_corners=False))
+            cpa = cam.minmax_normalize(F.interpolate(cpa, size=(crop, crop), mode="bilinear", align_corners=False))
             if args.prediction == "decoder":
-                pred = C.seg_prediction(o.seg, (crop, crop))[0]
+                pred = cam.seg_prediction(o.seg, (crop, crop))[0]
             else:
-                pred = C.map_prediction(maps["lam"], labels[None], 0.5)[0]
+                pred = cam.map_prediction(maps["lam"], labels[None], 0.5)[0]
         present = labels.bool()[:, None, None]
 
         def strongest(m):

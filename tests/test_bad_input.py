@@ -404,3 +404,138 @@ def test_train_script_subprocess_rejects_missing_data_root(tmp_path):
     assert "--data-root" in proc.stderr and str(missing) in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert os.listdir(tmp_path) == []  # no runs/ folder, no synthetic data: nothing started
+
+
+# --------------------------------------------------------------------------------------------
+# train.py, evaluate.py, infer.py: one parent parser for --device, --kernels, --crop-size
+# --------------------------------------------------------------------------------------------
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_{name}_script_under_test", os.path.join(ROOT, "scripts", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _parsers():
+    from more_fast.cli import build_parser
+
+    return {"train": (build_parser(), []),
+            "evaluate": (_load_script("evaluate").build_parser(), ["--checkpoint", "c.pt"]),
+            "infer": (_load_script("infer").build_parser(), ["--checkpoint", "c.pt", "--images", "i", "--out", "o"])}
+
+
+def _parse_error(parser, argv) -> str:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
+        parser.parse_args(argv)
+    assert exc.value.code == 2, err.getvalue()
+    return err.getvalue().strip().splitlines()[-1]
+
+
+MISSING_GPU = f"cuda:{max(7, torch.cuda.device_count())}"
+COMMON_BAD = [
+    (["--device", MISSING_GPU], "--device", f"{MISSING_GPU} requested, but this machine has "),
+    (["--device", "tpu"], "--device", "expected auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["--device", "cuda:x"], "--device", "expected auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+    (["--kernels", "cuda"], "--kernels", "invalid choice: 'cuda'"),
+    (["--crop-size", "0"], "--crop-size", "expected a positive integer (a multiple of the patch size), got 0"),
+    (["--crop-size", "4.5"], "--crop-size", "expected a positive integer (a multiple of the patch size), got 4.5"),
+]
+
+
+@pytest.mark.parametrize("script", ["train", "evaluate", "infer"])
+def test_common_flags_are_validated_the_same_way_by_every_script(script):
+    parser, required = _parsers()[script]
+    args = parser.parse_args(required + ["--device", "cpu", "--kernels", "reference", "--crop-size", "32"])
+    assert (args.device, args.kernels, args.crop_size) == ("cpu", "reference", 32)
+    args = parser.parse_args(required)
+    assert (args.device, args.kernels, args.crop_size) == ("auto", "auto", None)
+    for argv, flag, message in COMMON_BAD:
+        last = _parse_error(parser, required + argv)
+        assert last.startswith(f"{script}.py: error: argument {flag}: ") and message in last, last
+        assert "invalid" not in last or "invalid choice" in last, last  # never `invalid <lambda> value`
+
+
+def test_missing_gpu_names_what_the_machine_has():
+    from more_fast.device import resolve_device
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ValueError) as err:
+        resolve_device(MISSING_GPU)
+    have = "no CUDA device" if count == 0 else f"{count} CUDA device"
+    assert str(err.value).startswith(f"--device: {MISSING_GPU} requested, but this machine has {have}"), err.value
+    with pytest.raises(ValueError, match=r"^--device: expected auto, cpu, cuda or cuda:N, got 'gpu'$"):
+        resolve_device("gpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_resolve_device_auto_and_local_rank(monkeypatch):
+    from more_fast.device import resolve_device
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert resolve_device("auto") == (torch.device("cuda", 0) if count else torch.device("cpu"))
+    monkeypatch.setenv("LOCAL_RANK", str(count))  # a torchrun rank past the GPUs of this machine
+    if count == 0:
+        assert resolve_device("auto") == torch.device("cpu")  # auto: the CPU where there is no GPU
+    else:
+        with pytest.raises(ValueError, match=rf"^--device: auto \(cuda:{count}, from LOCAL_RANK\) requested"):
+            resolve_device("auto")
+    with pytest.raises(ValueError, match=rf"^--device: cuda \(cuda:{count}, from LOCAL_RANK\) requested"):
+        resolve_device("cuda")
+
+
+def test_train_rejects_a_missing_gpu_in_set_too(capsys):
+    from more_fast.cli import config_from_args
+
+    with pytest.raises(SystemExit) as exc:
+        config_from_args(["--set", f"device={MISSING_GPU}"])
+    assert exc.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("train.py: error: --device: ") and f"{MISSING_GPU} requested" in last, last
+
+
+@pytest.mark.parametrize("script, flag", [("train", "--cam-scales"), ("infer", "--scales")])
+@pytest.mark.parametrize("value", ["0,1", "1,-0.5", "1,,2", "a", "1,nan", ""])
+def test_cam_scales_must_be_positive_numbers(script, flag, value):
+    parser, required = _parsers()[script]
+    last = _parse_error(parser, required + [flag, value])
+    assert last == f"{script}.py: error: argument {flag}: expected comma-separated numbers > 0, got {value or 'nothing'}", last
+    assert parser.parse_args(required + [flag, "1.0,0.5,1.25"]).__dict__[flag[2:].replace("-", "_")] == (1.0, 0.5, 1.25)
+
+
+@pytest.mark.parametrize("script", ["train", "evaluate", "infer"])
+def test_help_states_every_default(script):
+    parser, _ = _parsers()[script]
+    for action in parser._actions:
+        if action.required or action.dest == "help":
+            continue
+        assert "default" in (action.help or ""), f"{script}.py {action.option_strings}: no default in the help"
+    text = parser.format_help()
+    assert "default: auto" in " ".join(text.split())
+
+
+def test_train_help_reads_the_recipes():
+    from more_fast.cli import build_parser
+    from more_fast.training.config import RECIPES, TrainConfig
+
+    text = " ".join(build_parser().format_help().split())
+    iters = [RECIPES[d].get("iters", TrainConfig.iters) for d in ("synthetic", "voc", "coco")]
+    assert f"default: {iters[0]} (synthetic), {iters[1]} (voc), {iters[2]} (coco)" in text
+    assert (TrainConfig.depth, TrainConfig.patch_size) == (4, 8)
+    assert "number of ViT blocks (default: 4 (synthetic), the named model's (voc), the named model's (coco))" in text
+    assert "ViT patch size (default: 8 (synthetic), the named model's (voc), the named model's (coco))" in text
+    assert "<lambda>" not in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--iters", "x"], "argument --iters: expected a positive integer, got x"),
+    (["--workers", "two"], "argument --workers: expected an integer >= 0, got two"),
+    (["--seed", "abc"], "argument --seed: expected an integer, got abc"),
+    (["--eval-bkg", "1.5"], "argument --eval-bkg: expected a number in [0, 1], got 1.5"),
+])
+def test_train_flag_messages_are_readable(argv, message):
+    from more_fast.cli import build_parser
+
+    last = _parse_error(build_parser(), argv)
+    assert last == f"train.py: error: {message}", last

@@ -143,3 +143,27 @@ def test_infer_script_writes_panels(trained, tmp_path, monkeypatch):
     labels = json.loads((out / "predictions.json").read_text())
     assert set(labels) == {"2007_000006", "2007_000007"}
     assert all(len(v) >= 1 and all(0 < p <= 1 for p in v.values()) for v in labels.values())
+
+
+def test_crop_check_uses_the_checkpoints_patch_size(tmp_path, monkeypatch, capsys):
+    """evaluate.py and infer.py check --crop-size against the loaded backbone's patch (8 here), not 16."""
+    from more_fast.model.network import MoReNet
+
+    monkeypatch.setenv("MORE_FAST_KERNELS", "reference")
+    torch.manual_seed(0)
+    net = MoReNet(TINY, num_classes=3, depth=1, decoder_dim=16, patch_size=8)
+    ckpt = tmp_path / "p8.pt"
+    torch.save({"model": net.state_dict(), "model_config": net.config}, ckpt)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(images / "a.png")
+    infer = load_script("infer")
+    argv = ["--checkpoint", str(ckpt), "--images", str(images), "--out", str(tmp_path / "out"), "--device", "cpu",
+            "--scales", "1.0"]
+    assert infer.main(argv + ["--crop-size", "20"]) == 2
+    assert "--crop-size: expected a multiple of the patch size 8 of vit_tiny_patch16_224, got 20" in capsys.readouterr().err
+    assert infer.main(argv + ["--crop-size", "24"]) == 0  # not a multiple of 16: accepted for patch 8
+    assert Image.open(tmp_path / "out" / "a.png").size == (5 * 24, 24)
+    evaluate = load_script("evaluate")
+    assert evaluate.main(["--checkpoint", str(ckpt), "--device", "cpu", "--crop-size", "20"]) == 2
+    assert "--crop-size: expected a multiple of the patch size 8 of vit_tiny_patch16_224, got 20" in capsys.readouterr().err

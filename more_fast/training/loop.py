@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 import signal
 import sys
@@ -25,13 +24,13 @@ import torch.nn.functional as F
 
 import kernels
 
-from .. import cam as C
-from .. import losses as L
+from .. import cam
+from .. import losses
 from ..artifacts import ArtifactMeter, format_artifacts
 from ..data import normalize
+from ..device import resolve_device
 from ..model.network import MoReNet, MoReOutput
-from . import state as S
-from . import tb, threads
+from . import state, tb, threads
 from .config import RECIPES, TrainConfig
 from .data import build_dataset, eval_loader, resolve_data_root, train_loader
 from .evaluate import evaluate, format_table
@@ -54,7 +53,7 @@ class TrainingStopped(Exception):
 
     def __init__(self, signum: int, iteration: int, iters: int, path: pathlib.Path, out: pathlib.Path):
         self.signum, self.iteration, self.iters, self.path, self.out = signum, iteration, iters, path, out
-        self.exit_code = S.STOP_SIGNALS[signum]
+        self.exit_code = state.STOP_SIGNALS[signum]
         super().__init__(f"stopped by {signal_name(signum)} after iteration {iteration} of {iters}: checkpoint {path}")
 
 
@@ -98,22 +97,22 @@ def compute_losses(out: MoReOutput, cls_labels: torch.Tensor, ptc_labels: torch.
                    cre_temperature: float, reg_scale: float = 0.5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The weighted total and each active term. Labels on the grid are B x N (seg: B x H x W)."""
     terms = {
-        "cls": L.cls_loss(out.logits, cls_labels),
-        "aux": L.cls_loss(out.aux_logits, cls_labels),
-        "mct": L.mct_loss(out.class_tokens),
+        "cls": losses.cls_loss(out.logits, cls_labels),
+        "aux": losses.cls_loss(out.aux_logits, cls_labels),
+        "mct": losses.mct_loss(out.class_tokens),
     }
     if "ptc" in weights:
-        terms["ptc"] = L.ptc_loss(out.patch_tokens, ptc_labels)
+        terms["ptc"] = losses.ptc_loss(out.patch_tokens, ptc_labels)
     if "cre" in weights:
-        terms["cre"] = L.cre_loss(out.class_tokens, out.patch_tokens, cre_labels, cls_labels, cre_temperature)
+        terms["cre"] = losses.cre_loss(out.class_tokens, out.patch_tokens, cre_labels, cls_labels, cre_temperature)
     if "ure" in weights:
-        terms["ure"] = L.ure_loss(out.patch_tokens, out.class_tokens, ure_index, ure_valid, cls_labels)
+        terms["ure"] = losses.ure_loss(out.patch_tokens, out.class_tokens, ure_index, ure_valid, cls_labels)
     if "seg" in weights or "reg" in weights:
         seg = F.interpolate(out.seg.float(), size=image.shape[-2:], mode="bilinear", align_corners=False)
         if "seg" in weights:
-            terms["seg"] = L.seg_loss(seg, seg_labels)
+            terms["seg"] = losses.seg_loss(seg, seg_labels)
         if "reg" in weights:
-            terms["reg"] = L.reg_loss(image, seg, seg_labels, scale=reg_scale)
+            terms["reg"] = losses.reg_loss(image, seg, seg_labels, scale=reg_scale)
     total = sum(weights[name] * value.float() for name, value in terms.items())
     return total, terms
 
@@ -125,16 +124,6 @@ class StepLabels:
     ure_index: torch.Tensor  # B x S
     ure_valid: torch.Tensor  # B x S
     seg: Optional[torch.Tensor]  # B x H x W
-
-
-def pick_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device: cuda requested but no CUDA device is available")
-    return torch.device(cfg.device)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -185,20 +174,20 @@ class TrainStep:
                     it: int, weights: dict) -> StepLabels:
         cfg = self.cfg
         reuse = self.model.cams(out)  # the unflipped scale-1.0 CAMs from the training forward
-        maps = C.multiscale_maps(self.model, x, cfg.cam_scales, reuse=reuse, backbone=self.features)
+        maps = cam.multiscale_maps(self.model, x, cfg.cam_scales, reuse=reuse, backbone=self.features)
         grid = out.grid
-        cam = C.resize_to_grid(maps["cam"], grid)
-        aux = C.resize_to_grid(maps["aux_cam"], grid)
-        aux_labels = C.cam_labels(aux, cls_labels, cfg.cam_high, 0.25)  # B x h x w: L_ptc's, and L_ure's at first
+        cam_grid = cam.resize_to_grid(maps["cam"], grid)
+        aux = cam.resize_to_grid(maps["aux_cam"], grid)
+        aux_labels = cam.cam_labels(aux, cls_labels, cfg.cam_high, 0.25)  # B x h x w: L_ptc's, and L_ure's at first
         if it < cfg.scaled("label_switch"):
-            cre = C.cam_labels(aux, cls_labels, 0.5, 0.25)
+            cre = cam.cam_labels(aux, cls_labels, 0.5, 0.25)
             ure = aux_labels
         else:
-            cre = C.cam_labels(cam, cls_labels, 0.6, 0.35)
+            cre = cam.cam_labels(cam_grid, cls_labels, 0.6, 0.35)
             ure = cre
         noise = torch.rand(ure.shape[0], ure.shape[1] * ure.shape[2], generator=self.ure_gen, device=self.device)
-        ure_index, ure_valid = L.ure_sample(ure, noise)
-        seg = (C.par_pseudo_labels(image, maps["cam"], cls_labels, hi=cfg.cam_high)
+        ure_index, ure_valid = losses.ure_sample(ure, noise)
+        seg = (cam.par_pseudo_labels(image, maps["cam"], cls_labels, hi=cfg.cam_high)
                if "seg" in weights or "reg" in weights else None)
         return StepLabels(aux_labels.flatten(1), cre.flatten(1), ure_index, ure_valid, seg)
 
@@ -250,11 +239,11 @@ class Trainer:
         self.cfg, self.rank, self.world = cfg, rank, world
         self.is_main = rank == 0
         self._log = log
-        self.device = pick_device(cfg)
+        self.device = resolve_device(cfg.device)
         self.log(threads.apply(cfg))  # intra-op threads and DataLoader workers from the cores free now
         self.out = pathlib.Path(cfg.out)
         self.tb = tb.open_log(cfg.tensorboard, self.out, self.is_main)  # does nothing unless --tensorboard
-        S.seed_all(cfg.seed)
+        state.seed_all(cfg.seed)
         root = resolve_data_root(cfg) if self.is_main else None  # rank 0 alone writes a synthetic set
         if world > 1:
             dist.barrier()
@@ -276,11 +265,11 @@ class Trainer:
             wrapped = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=False)  # every parameter gets a gradient (TrainStep adds 0 * seg)
-        self.trainer = TrainStep(self.model, cfg, self.device, wrapped)
+        self.train_step = TrainStep(self.model, cfg, self.device, wrapped)
         self.best, self.bad_samples, self.bad_count = None, [], 0  # (iteration, mIoU); unreadable files, skips
         if cfg.resume:
             self._resume(pathlib.Path(cfg.resume))
-        self.log(f"device {self.device} | {self.trainer.amp_note} | compile {'on' if cfg.compile else 'off'} | "
+        self.log(f"device {self.device} | {self.train_step.amp_note} | compile {'on' if cfg.compile else 'off'} | "
                  f"kernels {cfg.kernels} | world size {world}")
         self._log_schedule()
         changed = differs_from_recipe(cfg)
@@ -307,40 +296,40 @@ class Trainer:
                  f"pretrained {cfg.pretrained or 'none'}")
 
     def _resume(self, folder: pathlib.Path) -> None:
-        state, path = S.load_latest(folder, map_location="cpu")
-        if state is None:
+        ckpt, path = state.load_latest(folder, map_location="cpu")
+        if ckpt is None:
             raise FileNotFoundError(f"--resume: no readable checkpoint in {folder}")
-        t = self.trainer
-        self.model.load_state_dict(state["model"])
-        t.optimizer.load_state_dict(state["optimizer"])
-        t.scheduler.load_state_dict(state["scheduler"])
-        S.set_rng_state(state["rng"])
-        t.ure_gen.set_state(state["ure_generator"])
-        self.start_iter = int(state["iteration"])
-        t.skipped = int(state.get("skipped", 0))
-        self.best = tuple(state["best"]) if state.get("best") else None
-        self.bad_samples, self.bad_count = list(state.get("bad_samples", [])), int(state.get("bad_count", 0))
+        t = self.train_step
+        self.model.load_state_dict(ckpt["model"])
+        t.optimizer.load_state_dict(ckpt["optimizer"])
+        t.scheduler.load_state_dict(ckpt["scheduler"])
+        state.set_rng_state(ckpt["rng"])
+        t.ure_gen.set_state(ckpt["ure_generator"])
+        self.start_iter = int(ckpt["iteration"])
+        t.skipped = int(ckpt.get("skipped", 0))
+        self.best = tuple(ckpt["best"]) if ckpt.get("best") else None
+        self.bad_samples, self.bad_count = list(ckpt.get("bad_samples", [])), int(ckpt.get("bad_count", 0))
         self.log(f"resumed from {path} at iteration {self.start_iter}")
 
     def save(self, iteration: int) -> pathlib.Path:
-        path = S.checkpoint_path(self.out, iteration)
+        path = state.checkpoint_path(self.out, iteration)
         if self.is_main:
-            S.save_atomic({
+            state.save_atomic({
                 "model": self.model.state_dict(),
                 "model_config": self.model.config,
-                "optimizer": self.trainer.optimizer.state_dict(),
-                "scheduler": self.trainer.scheduler.state_dict(),
-                "rng": S.rng_state(),
-                "ure_generator": self.trainer.ure_gen.get_state(),
+                "optimizer": self.train_step.optimizer.state_dict(),
+                "scheduler": self.train_step.scheduler.state_dict(),
+                "rng": state.rng_state(),
+                "ure_generator": self.train_step.ure_gen.get_state(),
                 "iteration": iteration,
-                "skipped": self.trainer.skipped,
+                "skipped": self.train_step.skipped,
                 "best": self.best,
                 "bad_samples": self.bad_samples,
                 "bad_count": self.bad_count,
                 "config": self.cfg.to_dict(),
             }, path)
             if self.cfg.keep_checkpoints:
-                S.prune_checkpoints(self.out, self.cfg.keep_checkpoints, self.best[0] if self.best else None)
+                state.prune_checkpoints(self.out, self.cfg.keep_checkpoints, self.best[0] if self.best else None)
         return path
 
     # ---------------------------------------------------------------- the run
@@ -349,7 +338,7 @@ class Trainer:
         for name in sorted(values, key=lambda n: n == "loss"):  # name the term before the total
             value = values[name]
             if not math.isfinite(value):
-                last = S.list_checkpoints(self.out) if self.out.exists() else []
+                last = state.list_checkpoints(self.out) if self.out.exists() else []
                 keep = f"; the last good checkpoint is {last[0]}" if last else "; no checkpoint was written yet"
                 term = "total loss" if name == "loss" else f"loss term '{name}'"
                 raise NonFiniteLoss(f"non-finite {term} ({value}) at iteration {it}{keep}")
@@ -374,7 +363,7 @@ class Trainer:
                 print(f"warning: validation at iteration {it}: {msg}", file=sys.stderr, flush=True)
             results = evaluate(self.model, eval_loader(self.val_set, cfg, self.device, self.rank, self.world, report),
                                cfg.num_classes, self.device, cfg.cam_scales, cfg.eval_bkg,
-                               amp_dtype=self.trainer.amp_dtype,
+                               amp_dtype=self.train_step.amp_dtype,
                                panel_dir=self.out / "panels" / f"iter_{it:08d}" if self.is_main else None,
                                num_panels=cfg.num_panels, artifacts=meter)
         self.artifact = meter.result()
@@ -393,7 +382,7 @@ class Trainer:
 
     def run(self) -> dict[str, float]:
         # before the loader forks its workers, which then inherit handlers that leave stopping to us
-        self.stop = S.StopSignals(quiet=not self.is_main).install()
+        self.stop = state.StopSignals(quiet=not self.is_main).install()
         try:
             with kernels.use_backend(self.cfg.kernels):
                 return self._run()
@@ -466,7 +455,7 @@ class Trainer:
         for it in range(self.start_iter, cfg.iters):
             batch = next(loader)
             self._bad_batch(batch, it)
-            total, terms = self.trainer.step(it, batch)
+            total, terms = self.train_step.step(it, batch)
             done = it + 1
             if done % cfg.log_every == 0 or done == cfg.iters or done == self.start_iter + 1:
                 if self.device.type == "cuda":
@@ -478,7 +467,7 @@ class Trainer:
                 values = self._reduce({"loss": total, **terms})
                 if cfg.on_nonfinite == "stop":
                     self._check_finite(done, values)
-                groups = self.trainer.optimizer.param_groups
+                groups = self.train_step.optimizer.param_groups
                 lr = groups[0]["lr"], groups[2]["lr"]
                 mfu = f" | MFU {100 * flops / sec_per_it / peak:.1f}%" if peak else ""
                 parts = " ".join(f"{k} {values[k]:.4f}" for k in TERMS if k in values)
@@ -487,7 +476,7 @@ class Trainer:
                 self.log(f"it {done:>6}/{cfg.iters} | loss {values['loss']:.4f} ({parts}) | lr {lr[0]:.2e}/{lr[1]:.2e} | "
                          f"{ips:.1f} img/s | {flops / sec_per_it / 1e12:.3f} TFLOP/s{mfu} | ETA {eta}")
                 self._write_metrics({"iter": done, **values, "lr": lr[0], "img_per_s": ips,
-                                     "skipped": self.trainer.skipped, **gpu_telemetry(self.device)})
+                                     "skipped": self.train_step.skipped, **gpu_telemetry(self.device)})
             saved = None
             if done % cfg.eval_every == 0 or done == cfg.iters:
                 if cfg.on_nonfinite == "stop":  # never write a checkpoint of a diverged model
