@@ -1,4 +1,4 @@
-"""affinity_loss (SPEC 2, L_ptc) alone: reference eager, reference compiled, fused;
+"""affinity_loss (docs/METHOD.md, L_ptc) alone: reference eager, reference compiled, fused;
 forward and forward+backward.
 
 Production shapes: B = 4 images, D = 768, N = 784 (448 crop) and N = 3136 (896 crop), labels

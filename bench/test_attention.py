@@ -1,4 +1,4 @@
-"""class_patch_attention (SPEC 5) alone: reference eager, reference compiled, fused.
+"""class_patch_attention (docs/METHOD.md, Class-patch attention) alone: reference eager, reference compiled, fused.
 
 ViT-B/16 last block at the production shapes: B = 4, 12 heads, d = 64, R = 4 registers,
 K = 20 classes, N = 784 (448 crop) and N = 3136 (896 crop). q and k are slices of a timm-style

@@ -1,4 +1,4 @@
-"""gcr_aggregate (SPEC 1, A through M) alone: reference eager, reference compiled, fused.
+"""gcr_aggregate (docs/METHOD.md, GCR) alone: reference eager, reference compiled, fused.
 
 Production shapes: B = 4, N = 784 patches (448 crop), D = 768, K = 20 (VOC, k = 10) and
 K = 80 (COCO, k = 40); L = K + N nodes. "published" score (the default). Forward, and forward

@@ -1,4 +1,4 @@
-"""lir_loss (SPEC 2, L_cre) alone: reference eager, reference compiled, fused;
+"""lir_loss (docs/METHOD.md, L_cre) alone: reference eager, reference compiled, fused;
 forward and forward+backward (the gradient goes to the class tokens only).
 
 Production shapes: B = 4 images, K = 20 classes (VOC), D = 768, N = 784 (448 crop) and

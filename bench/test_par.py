@@ -1,4 +1,5 @@
-"""par_refine (SPEC 4) alone: reference eager, reference compiled, fused. Forward only (no grad).
+"""par_refine (docs/METHOD.md, PAR pseudo labels) alone: reference eager, reference compiled, fused.
+Forward only (no grad).
 
 Production shape: PAR runs at half the 448 crop, so B = 4 images of 224 x 224, C = 4, 21 (VOC)
 and 81 (COCO) mask channels per background threshold, both thresholds refined in one call (2C

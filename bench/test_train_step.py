@@ -1,7 +1,7 @@
-"""The whole MoRe training step (issue 10): reference pipeline against fast pipeline.
+"""The whole MoRe training step: reference pipeline against fast pipeline.
 
 One `TrainStep.step(it, batch)` is forward, the no-grad multi-scale CAM passes, the labels
-(including PAR pseudo labels), every loss of SPEC 2 and AdamW. Two pipelines:
+(including PAR pseudo labels), every loss (docs/METHOD.md, Losses) and AdamW. Two pipelines:
 
 - reference: fp32, explicit attention (the published way), MORE_FAST_KERNELS=reference, eager;
 - fast: bf16 autocast, SDPA, MORE_FAST_KERNELS=auto (the Triton kernels on CUDA), torch.compile.

@@ -1,11 +1,11 @@
-"""The whole ViT forward three ways (issue 6): explicit attention, SDPA, SDPA + class-patch map.
+"""The whole ViT forward three ways: explicit attention, SDPA, SDPA + class-patch map.
 
 The MoRe backbone (MoReBackbone, what MoReNet.forward_features runs) at B = 4:
 - explicit: attn_impl="explicit", the attention materialized as in the published code;
 - sdpa: attn_impl="sdpa" (F.scaled_dot_product_attention in every block);
 - sdpa+extract: SDPA, plus the last block's class-patch attention map
   (attn_reduce="mean_softmax", kernels.class_patch_attention with MORE_FAST_KERNELS=auto, the
-  Triton kernel on CUDA). Issue 6's target: within 5% of sdpa alone; extra_info records
+  Triton kernel on CUDA). The target: within 5% of sdpa alone; extra_info records
   overhead_vs_sdpa_pct from the sdpa case of the same session.
 
 CUDA: ViT-B/16 (vit_base_patch16_224, K = 20, R = 4) at the 448 crop (N = 784) and the 896 crop

@@ -114,7 +114,7 @@ def resolve_backend(op: str, device: torch.device) -> str:
 
 
 def affinity_loss(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
-    """L_ptc (SPEC 2): B x N x D tokens, B x N integer labels -> scalar loss."""
+    """L_ptc (docs/METHOD.md, Losses): B x N x D tokens, B x N integer labels -> scalar loss."""
     _checks.check_affinity_loss(tokens, labels, ignore_index)
     if resolve_backend("affinity_loss", tokens.device) == "triton":
         return _TRITON_OPS["affinity_loss"](tokens, labels, ignore_index)
@@ -128,7 +128,7 @@ def lir_loss(
     cls_labels: torch.Tensor,
     temperature: float,
 ) -> torch.Tensor:
-    """L_cre (SPEC 2): B x K x D, B x N x D, B x N labels, B x K {0,1} -> scalar loss."""
+    """L_cre (docs/METHOD.md, Losses): B x K x D, B x N x D, B x N labels, B x K {0,1} -> scalar loss."""
     _checks.check_lir_loss(cls_tokens, patch_tokens, labels, cls_labels, temperature)
     if resolve_backend("lir_loss", cls_tokens.device) == "triton":
         return _TRITON_OPS["lir_loss"](cls_tokens, patch_tokens, labels, cls_labels, float(temperature))
@@ -136,7 +136,7 @@ def lir_loss(
 
 
 def gcr_aggregate(h: torch.Tensor, e: torch.Tensor, k: int, score: str = "published") -> torch.Tensor:
-    """GCR aggregation (SPEC 1, A through M): B x K x D heads, B x L x D nodes -> M, B x K x D."""
+    """GCR aggregation (docs/METHOD.md, GCR): B x K x D heads, B x L x D nodes -> M, B x K x D."""
     _checks.check_gcr_aggregate(h, e, k, score)
     if resolve_backend("gcr_aggregate", h.device) == "triton":
         return _TRITON_OPS["gcr_aggregate"](h, e, k, score)
@@ -146,7 +146,7 @@ def gcr_aggregate(h: torch.Tensor, e: torch.Tensor, k: int, score: str = "publis
 def class_patch_attention(
     q: torch.Tensor, k: torch.Tensor, num_prefix: int, num_cls: int, reduce: str = "mean_softmax"
 ) -> torch.Tensor:
-    """Class-patch attention (SPEC 5): B x heads x T x d queries and keys -> B x K x N."""
+    """Class-patch attention (docs/METHOD.md, Class-patch attention): B x heads x T x d queries and keys -> B x K x N."""
     _checks.check_class_patch_attention(q, k, num_prefix, num_cls, reduce)
     if resolve_backend("class_patch_attention", q.device) == "triton":
         return _TRITON_OPS["class_patch_attention"](q, k, num_prefix, num_cls, reduce)
@@ -156,7 +156,7 @@ def class_patch_attention(
 def par_refine(
     image: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), num_iter: int = 10
 ) -> torch.Tensor:
-    """PAR refinement (SPEC 4): B x 3 x H x W image, B x C x H x W masks -> refined masks."""
+    """PAR refinement (docs/METHOD.md, PAR pseudo labels): B x 3 x H x W image, B x C x H x W masks -> refined masks."""
     _checks.check_par_refine(image, masks, dilations, num_iter)
     if resolve_backend("par_refine", image.device) == "triton":
         return _TRITON_OPS["par_refine"](image, masks, list(dilations), num_iter)
@@ -166,7 +166,7 @@ def par_refine(
 def dense_energy_loss(
     image: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, sigma_rgb: float = 15.0, sigma_xy: float = 50.0
 ) -> torch.Tensor:
-    """Dense CRF energy E (SPEC 2; L_reg = 1e-7 E): image, probs B x C x H x W, gate B x H x W."""
+    """Dense CRF energy E (docs/METHOD.md, L_reg; L_reg = 1e-7 x 0.58 x E): image, probs B x C x H x W, gate B x H x W."""
     _checks.check_dense_energy_loss(image, probs, gate, sigma_rgb, sigma_xy)
     if resolve_backend("dense_energy_loss", image.device) == "triton":
         return _TRITON_OPS["dense_energy_loss"](image, probs, gate, float(sigma_rgb), float(sigma_xy))

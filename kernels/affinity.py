@@ -1,4 +1,4 @@
-"""Fused L_ptc, the CAM-affinity consistency loss (SPEC 2), as Triton kernels.
+"""Fused L_ptc, the CAM-affinity consistency loss (docs/METHOD.md, Losses), as Triton kernels.
 
     xhat_i = x_i / max(||x_i||, 1e-8)                      (F.normalize, eps 1e-8)
     c_ij   = |<xhat_i, xhat_j>|                             pairs i != j of one image
@@ -52,7 +52,7 @@ import triton.language as tl
 from ._launch import capability as _capability, device_ctx as _device_ctx, dot_config as _dot_config
 from ._launch import pow2_clamp as _pow2_clamp
 
-NORM_EPS = 1e-8  # F.normalize eps of SPEC 2 (ToCo)
+NORM_EPS = 1e-8  # F.normalize eps (ToCo)
 # fp32 tokens (kernels/_launch.py, the precision policy): the N x N x D Gram products are the
 # op's whole cost, and 3xTF32 keeps them about fp32-accurate on the tensor cores
 F32_DOT = "tf32x3"
@@ -415,7 +415,7 @@ torch.library.register_autograd("more_fast::affinity_loss", _backward, setup_con
 # Public function (inputs already validated by kernels.affinity_loss)
 # --------------------------------------------------------------------------------------------
 def affinity_loss(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
-    """L_ptc (SPEC 2) of B x N x D tokens and B x N integer labels: an fp32 scalar."""
+    """L_ptc (docs/METHOD.md, Losses) of B x N x D tokens and B x N integer labels: an fp32 scalar."""
     return _affinity_loss_op(tokens, labels, int(ignore_index))[0]
 
 

@@ -1,4 +1,4 @@
-"""Class-patch attention (SPEC 5) as Triton kernels: `class_patch_attention`.
+"""Class-patch attention (docs/METHOD.md, Class-patch attention) as Triton kernels: `class_patch_attention`.
 
 For the class-token queries (rows P .. P+K-1 of q, P = num_prefix, K = num_cls) over the patch
 keys (rows P+K .. T-1 of k, N = T - P - K of them), the map reduced over the H heads, B x K x N:
@@ -34,7 +34,7 @@ Design (two sweeps, no B x H x K x T tensor anywhere):
 - Strides: q and k may have any strides (e.g. timm's qkv.permute(2, 0, 3, 1, 4) slices);
   nothing is copied. Offsets are int64.
 
-Gradient: none. The map is a detached diagnostic (SPEC 5). The op marks its output
+Gradient: none. The map is a detached diagnostic (docs/METHOD.md, Class-patch attention). The op marks its output
 non-differentiable, so calling it on tensors that require grad works and returns a tensor
 with requires_grad=False (no graph is recorded through it).
 

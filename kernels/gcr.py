@@ -1,4 +1,4 @@
-"""GCR aggregation (SPEC 1, from A to M) as Triton kernels: `gcr_aggregate`.
+"""GCR aggregation (docs/METHOD.md, GCR) as Triton kernels: `gcr_aggregate`.
 
 For one image b and one class row i (h_i in R^D), over the L = K + N nodes e_l in R^D:
 

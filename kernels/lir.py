@@ -1,4 +1,4 @@
-"""Fused L_cre, the LIR class-to-patch contrast loss (SPEC 2), as Triton kernels.
+"""Fused L_cre, the LIR class-to-patch contrast loss (docs/METHOD.md, Losses), as Triton kernels.
 
     qn_c  = q_c / max(||q_c||, 1e-12)                  (F.normalize, default eps)
     z_cn  = <qn_c, p_n> / t                            p = patch tokens, detached, not normalized
@@ -6,7 +6,7 @@
     nll_c = mean over {n : label_n = c + 1} of (lse_c - z_cn) = lse_c - Z_c / cnt_c   (0 if cnt_c = 0)
     L     = (1 / B) sum_b sum_c [cls_labels_bc != 0] nll_bc
 
-Gradient (q only; the patch tokens are detached, SPEC 2), with u_bc = present and cnt > 0:
+Gradient (q only; the patch tokens are detached, docs/METHOD.md, Losses), with u_bc = present and cnt > 0:
     e_cn      = g (u / B) (softmax_n(z_c)_n - [label_n = c + 1] / cnt_c)      (= g dL/dz_cn)
     dL/dqn_c  = (1 / t) sum_n e_cn p_n
     <qn_c, dL/dqn_c> = sum_n e_cn z_cn = sum_n e_cn (z_cn - lse_c)      (sum_n e_cn = 0)
@@ -341,7 +341,7 @@ def _backward(ctx, grad_loss, grad_z, grad_aux):
     grad_cls = None
     if ctx.needs_input_grad[0]:
         grad_cls = _lir_loss_bwd_op(grad_loss, cls_tokens, patch_tokens, labels, z, aux, ctx.temperature)
-    # patch tokens are detached in L_cre (SPEC 2): no gradient
+    # patch tokens are detached in L_cre (docs/METHOD.md, Losses): no gradient
     return grad_cls, None, None, None, None
 
 
@@ -358,7 +358,7 @@ def lir_loss(
     cls_labels: torch.Tensor,
     temperature: float,
 ) -> torch.Tensor:
-    """L_cre (SPEC 2): B x K x D class tokens, B x N x D patch tokens (no gradient), B x N
+    """L_cre (docs/METHOD.md, Losses): B x K x D class tokens, B x N x D patch tokens (no gradient), B x N
     labels, B x K {0, 1} image labels -> an fp32 scalar."""
     return _lir_loss_op(cls_tokens, patch_tokens, labels, cls_labels, float(temperature))[0]
 

@@ -1,4 +1,4 @@
-"""PAR refinement (SPEC 4) as two Triton kernels: the neighbour affinity once per image, then one
+"""PAR refinement (docs/METHOD.md, PAR pseudo labels) as two Triton kernels: the neighbour affinity once per image, then one
 launch per propagation iteration.
 
 Math (J = 8 * len(dilations) neighbours, offsets (dy_j, dx_j) = (sy * d, sx * d) for each

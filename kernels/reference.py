@@ -1,9 +1,9 @@
 """Plain PyTorch of every fused op: the oracle for tests and benchmarks.
 
-Written for clarity, not speed (SPEC.md gives the math). Each function validates its inputs
+Written for clarity, not speed (docs/METHOD.md gives the math). Each function validates its inputs
 like the fused op, computes in float32 (float64 when given float64, which is how the tests
 build their oracle), and returns losses in that compute dtype. Gradients come from autograd,
-except `dense_energy_loss`, whose gradient is the published extension's choice (SPEC 2).
+except `dense_energy_loss`, whose gradient is the published extension's choice (docs/METHOD.md, Losses).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------------------------
-# L_ptc: CAM-affinity consistency (SPEC 2)
+# L_ptc: CAM-affinity consistency (docs/METHOD.md, Losses)
 # --------------------------------------------------------------------------------------------
 def affinity_loss(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     """0.5 (1 - S_pos / (n_pos + 1)) + 0.5 S_neg / (n_neg + 1) over pairs i != j of one image.
@@ -56,7 +56,7 @@ def affinity_loss(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: int 
 
 
 # --------------------------------------------------------------------------------------------
-# L_cre: LIR class-to-patch contrast (SPEC 2)
+# L_cre: LIR class-to-patch contrast (docs/METHOD.md, Losses)
 # --------------------------------------------------------------------------------------------
 def lir_loss(
     cls_tokens: torch.Tensor,
@@ -87,7 +87,7 @@ def lir_loss(
 
 
 # --------------------------------------------------------------------------------------------
-# GCR aggregation, SPEC 1 from A to M
+# GCR aggregation, docs/METHOD.md, GCR
 # --------------------------------------------------------------------------------------------
 def gcr_aggregate(h: torch.Tensor, e: torch.Tensor, k: int, score: str = "published") -> torch.Tensor:
     """M_i = sum_j a_ij Nb_ij over the top-k nodes of A = h e^T / sqrt(D).
@@ -118,7 +118,7 @@ def gcr_aggregate(h: torch.Tensor, e: torch.Tensor, k: int, score: str = "publis
 
 
 # --------------------------------------------------------------------------------------------
-# Class-patch attention (SPEC 5)
+# Class-patch attention (docs/METHOD.md, Class-patch attention)
 # --------------------------------------------------------------------------------------------
 def class_patch_attention(
     q: torch.Tensor, k: torch.Tensor, num_prefix: int, num_cls: int, reduce: str = "mean_softmax"
@@ -141,7 +141,7 @@ def class_patch_attention(
 
 
 # --------------------------------------------------------------------------------------------
-# PAR refinement (SPEC 4)
+# PAR refinement (docs/METHOD.md, PAR pseudo labels)
 # --------------------------------------------------------------------------------------------
 _BASE_OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 PAR_W1 = 0.3  # temperature of both affinities
@@ -191,7 +191,7 @@ def par_affinity(image: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
 def par_refine(
     image: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), num_iter: int = 10
 ) -> torch.Tensor:
-    """num_iter rounds of mask <- sum_j affinity_j * mask at neighbour j (SPEC 4). B x C x H x W.
+    """num_iter rounds of mask <- sum_j affinity_j * mask at neighbour j (docs/METHOD.md, PAR pseudo labels). B x C x H x W.
 
     Channels are refined independently, so several mask sets for the same image (the two
     background thresholds) can be concatenated along C and refined in one call.
@@ -214,7 +214,7 @@ def par_refine(
 
 
 # --------------------------------------------------------------------------------------------
-# L_reg: dense CRF energy with the exact Gaussian (SPEC 2)
+# L_reg: dense CRF energy with the exact Gaussian (docs/METHOD.md, Losses)
 # --------------------------------------------------------------------------------------------
 def _pixel_features(image: torch.Tensor, sigma_rgb: float, sigma_xy: float) -> torch.Tensor:
     """B x 3 x H x W -> B x HW x 5: (row / sigma_xy, col / sigma_xy, rgb / sigma_rgb)."""

@@ -1,4 +1,4 @@
-"""Maps and labels: multi-scale CAM (SPEC 3), LAM (SPEC 1), CAM labels and PAR pseudo labels (SPEC 2, 4)."""
+"""Maps and labels: multi-scale CAM (docs/METHOD.md, Maps and labels)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -35,7 +35,7 @@ def lam_from_tokens(patch_tokens: torch.Tensor, class_tokens: torch.Tensor, grid
 def multiscale_maps(model: MoReNet, images: torch.Tensor, scales: Sequence[float] = VOC_SCALES,
                     reuse: Optional[tuple[torch.Tensor, ...]] = None, with_lam: bool = False,
                     backbone=None) -> dict[str, torch.Tensor]:
-    """Multi-scale + flip CAM and aux CAM (SPEC 3), and optionally the LAM, at the input size.
+    """Multi-scale + flip CAM and aux CAM (docs/METHOD.md, Multi-scale CAM), and optionally the LAM, at the input size.
 
     For every scale: resize the batch, run the backbone on [x, flip(x)], compute the maps, resize
     to the input size, take the max of a map and its flipped-back twin (ReLU for the CAM and aux
@@ -78,7 +78,7 @@ def multiscale_maps(model: MoReNet, images: torch.Tensor, scales: Sequence[float
 
 
 def cam_labels(cam: torch.Tensor, cls_labels: torch.Tensor, hi: float, lo: float) -> torch.Tensor:
-    """labels(cam, hi, lo) of SPEC 2: restrict to present classes, max over classes;
+    """labels(cam, hi, lo) (docs/METHOD.md, CAM labels): restrict to present classes, max over classes;
     label = argmax + 1, 255 where the max <= hi, 0 where the max <= lo. B x K x h x w -> B x h x w."""
     valid = cam * cls_labels[:, :, None, None].to(cam.dtype)
     value, index = valid.max(dim=1)
@@ -94,7 +94,7 @@ def resize_to_grid(cam: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 def par_pseudo_labels(image: torch.Tensor, cam: torch.Tensor, cls_labels: torch.Tensor,
                       hi: float = 0.7, lo: float = 0.25, dilations: Sequence[int] = PAR_DILATIONS,
                       num_iter: int = 10) -> torch.Tensor:
-    """PAR-refined pseudo labels for L_seg (SPEC 4), batched.
+    """PAR-refined pseudo labels for L_seg (docs/METHOD.md, PAR pseudo labels), batched.
 
     image B x 3 x H x W (0..255), cam B x K x H x W in [0, 1], cls_labels B x K.
     At half resolution: [background = hi | CAM of the present classes] softmaxed over the present

@@ -22,7 +22,7 @@ from .model.network import model_from_config
 def load_model(path: str | pathlib.Path, map_location: Any = "cpu"):
     """A MoReNet in eval mode from a checkpoint file: a training checkpoint (Trainer.save), a
     converted published checkpoint (scripts/convert_checkpoint.py), both {"model", "model_config"},
-    or a published MoRe checkpoint (SPEC 8, converted here in memory).
+    or a published MoRe checkpoint (converted here in memory).
 
     map_location: where the weights go ("cpu", "cuda", "cuda:1", a torch.device, ...).
     """

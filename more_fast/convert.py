@@ -1,4 +1,4 @@
-"""Published MoRe checkpoints (SPEC 8) -> more_fast checkpoints ({"model", "model_config"}).
+"""Published MoRe checkpoints (README, Real data) -> more_fast checkpoints ({"model", "model_config"}).
 
 The published network (zwyang6/MoRe) is the same math as MoReNet with the same parameter names,
 so conversion is mostly bookkeeping:

@@ -1,4 +1,4 @@
-"""Dense CRF post-processing (SPEC 7), through the optional `pydensecrf2` package.
+"""Dense CRF post-processing (docs/METHOD.md, Evaluation), through the optional `pydensecrf2` package.
 
 The published protocols end with a fully connected CRF (Krähenbühl & Koltun) of 10 mean-field
 iterations, a Gaussian kernel (xy std 1, weight 3) and a bilateral kernel (xy std 67, rgb std 3,

@@ -1,4 +1,4 @@
-"""The MoRe losses (SPEC 2). The pairwise and contrast losses go through the fused ops in `kernels`."""
+"""The MoRe losses (docs/METHOD.md, Losses). The pairwise and contrast losses go through the fused ops in `kernels`."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Evaluation protocols of a trained MoReNet (SPEC 7), used by scripts/evaluate.py and scripts/infer.py.
+"""Evaluation protocols of a trained MoReNet (docs/METHOD.md, Evaluation), used by scripts/evaluate.py and scripts/infer.py.
 
 `train-val`: the validation run during training (more_fast.training.evaluate): images and masks
 resized to crop x crop, the training CAM scales, ground-truth image labels, the recipe's
@@ -19,7 +19,7 @@ background score (VOC 0.5, COCO 0.45).
   flipped-back logits of its flip, resized bilinearly to the original size; the elementwise max
   over scales; argmax. `decoder_protocol="mean_prob"` instead averages the softmax probabilities
   of the 6 passes (a proper ensemble, not the published protocol);
-- optional dense CRF (more_fast.crf, SPEC 7 parameters) on the LAM (scores [1 - max | maps], as
+- optional dense CRF (more_fast.crf, the published parameters, docs/METHOD.md, Published protocols) on the LAM (scores [1 - max | maps], as
   published) and on the decoder (published: the softmax of the max-over-scales logits).
 """
 from __future__ import annotations

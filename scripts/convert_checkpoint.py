@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert a published MoRe checkpoint (SPEC 8) into a more_fast checkpoint.
+"""Convert a published MoRe checkpoint (README, Real data) into a more_fast checkpoint.
 
     python scripts/convert_checkpoint.py --from-more model_iter_sota.pth --out more_voc.pt
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluate a MoRe checkpoint: mIoU of CAM, aux CAM, LAM and decoder (SPEC 7).
+"""Evaluate a MoRe checkpoint: mIoU of CAM, aux CAM, LAM and decoder (docs/METHOD.md, Evaluation).
 
     python scripts/evaluate.py --checkpoint runs/voc/checkpoints/ckpt_00020000.pt \\
         --data voc --data-root VOC2012 --split val --protocol published --crf
@@ -7,7 +7,7 @@
 Protocols (details in more_fast/protocols.py):
   train-val   the validation of the training loop: crop x crop images and masks, the training
               CAM scales, ground-truth image labels, the recipe's background (VOC 0.5, COCO 0.45).
-  published   SPEC 7, scored at the original image size: input resized to crop x crop (448);
+  published   docs/METHOD.md, Published protocols; scored at the original image size: input resized to crop x crop (448);
               CAM / aux CAM / LAM from multi-scale + flip maps, scales 1.0 0.5 0.75 1.25 1.5
               1.75 2.0, image labels from the classifier (sigmoid(logit) > 0.5; none predicted:
               the decoder's classes with >= 5 patches), background 0.5; decoder from scales 1.0
@@ -17,7 +17,7 @@ Protocols (details in more_fast/protocols.py):
 Both protocols also report the artifact ratio (more_fast/artifacts.py): the share of a present
 class's class-patch attention, and of its LAM's positive mass, on patches of another class or
 background; measured at crop x crop from one single-scale forward per image. Lower is better.
---crf adds dense-CRF rows (LAM and decoder, SPEC 7 parameters) to the published protocol. It
+--crf adds dense-CRF rows (LAM and decoder, the published parameters, docs/METHOD.md, Published protocols) to the published protocol. It
 needs the optional package pydensecrf2, installed separately: `pip install pydensecrf2`.
 --save-png DIR writes the chosen prediction (--save-map; its CRF version with --crf) of every
 image as a VOC palette PNG at the original size, DIR/<name>.png. For the VOC test server, put

@@ -2,7 +2,7 @@
 
 Kernels: every public op, on both backends (MORE_FAST_KERNELS = reference and triton), raises
 ValueError or TypeError whose message starts with the argument's name (`name: expected ...`,
-DESIGN.md's contract) for wrong ranks and shapes, mismatched batches, wrong dtypes, labels that
+the fused-op contract (README, Fused ops and backends)) for wrong ranks and shapes, mismatched batches, wrong dtypes, labels that
 are not integers, bad scalars (temperature, k, reduce, num_prefix, num_cls, dilations, num_iter,
 sigmas). tests/test_reference.py's BAD_CASES covers a first set; the cases here are the others.
 The kernel cases build their tensors on tests/helpers.DEVICE (CUDA when available: the Triton

@@ -48,7 +48,7 @@ def run_both(q, p, lab, cls, t):
     pf = p.detach().clone().requires_grad_(True)
     loss = kernels.lir_loss(qf, pf, lab, cls, t)
     loss.backward()
-    assert pf.grad is None  # SPEC 2: the patch tokens are detached
+    assert pf.grad is None  # the patch tokens are detached (docs/METHOD.md, L_cre)
     qr = q.detach().double().requires_grad_(True)
     loss_ref = reference.lir_loss(qr, p.detach().double(), lab, cls, t)
     loss_ref.backward()

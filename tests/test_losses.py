@@ -1,4 +1,4 @@
-"""Losses (SPEC 2) and maps/labels (SPEC 1, 3, 4): hand cases, gradchecks, vectorization vs loops."""
+"""Losses and maps/labels (docs/METHOD.md: Losses, Maps and labels): hand cases, gradchecks, vectorization vs loops."""
 import math
 
 import pytest

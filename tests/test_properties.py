@@ -1,6 +1,6 @@
 """Property-based tests (hypothesis) of every fused op against the float64 reference.
 
-For each op of DESIGN.md's table, hypothesis draws small random shapes (odd sizes, K = 1, N not a
+For each fused op (README, Fused ops and backends), hypothesis draws small random shapes (odd sizes, K = 1, N not a
 multiple of 16, k = 1 and k = L, num_prefix = 0, C = 1, 1-pixel rows and columns, dilations
 larger than the image), label distributions (all ignored, one class, many classes, some 255,
 no positive pair), input scales (x 10^u), dtypes (fp32, fp16), memory layouts (contiguous,
@@ -333,7 +333,7 @@ def _lir_loss_scale(q, p, labels, cls, t) -> float:
 
 def _lir_grad_scale(q, p, labels, cls, t, g_out) -> float:
     """The size of the terms of dL/dq_c = rq (G_c - qn_c <qn_c, G_c>), G_c = (1/t) sum_n e_cn p_n,
-    e = g (u / B) (softmax(z) - member / cnt) (SPEC 2's L_cre), by the triangle inequality:
+    e = g (u / B) (softmax(z) - member / cnt) (L_cre, docs/METHOD.md), by the triangle inequality:
     rq sum_n |e_cn| (||p_n|| / t + |z_cn - lse_c|), the second part for <qn, G> = sum_n e (z - lse)
     as kernels/lir.py forms it. The projection cancels most of G when G is nearly parallel
     to q (in 1-D it cancels all of it: the gradient is 0)."""
@@ -378,7 +378,7 @@ def test_lir_loss_matches_reference(case):
         loss = kernels.lir_loss(qx, px, _dev(labels), _dev(cls), t)
         (grad,) = torch.autograd.grad(loss * g_out, qx)
     assert loss.dtype == F32 and loss.dim() == 0 and grad.dtype == dtype
-    assert px.grad is None  # the patch tokens are detached (SPEC 2)
+    assert px.grad is None  # the patch tokens are detached (docs/METHOD.md, Losses)
 
     q64 = q.detach().double().requires_grad_()
     loss_ref = R.lir_loss(q64, p.double(), labels, cls, t)

@@ -25,7 +25,7 @@ def test_affinity_loss_hand_case():
 
 
 def _affinity_loops(tokens, labels, ignore=255):
-    """Pair-by-pair re-derivation of SPEC 2's L_ptc."""
+    """Pair-by-pair re-derivation of L_ptc (docs/METHOD.md, L_ptc)."""
     s_pos = s_neg = 0.0
     n_pos = n_neg = 0
     b, n, _ = tokens.shape

@@ -187,7 +187,7 @@ def test_nonfinite_loss_skip_mode_counts_and_goes_on(tmp_path, monkeypatch):
 
 @pytest.mark.gpu
 def test_cuda_training_step_has_no_host_sync(tmp_path):
-    """Issue 7: no device-to-host transfer or synchronization inside a (non-logging) step.
+    """No device-to-host transfer or synchronization inside a (non-logging) step.
 
     torch.cuda.set_sync_debug_mode("error") raises on every synchronizing CUDA call (item(),
     nonzero, a blocking copy to the host, ...) made while it is on."""

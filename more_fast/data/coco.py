@@ -1,4 +1,4 @@
-"""COCO 2014 in the VOC style (SPEC 8): 80 classes, masks with contiguous values 0..80.
+"""COCO 2014 in the VOC style (README, Real data): 80 classes, masks with contiguous values 0..80.
 
 Layout: `JPEGImages/{train2014,val2014}/<name>.jpg`, `SegmentationClass/{train2014,val2014}/
 <name>.png` (0 background, c + 1 = class c in the order of `COCO_CLASSES`, 255 ignore), and

@@ -1,4 +1,4 @@
-"""Joint image/mask transforms (SPEC 6) and ImageNet normalization.
+"""Joint image/mask transforms (docs/METHOD.md, VOC recipe) and ImageNet normalization.
 
 The loaders return uint8 images: normalization runs on the device in the training loop
 (`normalize`), so the host ships a quarter of the bytes and spends no CPU time on float math.

@@ -1,7 +1,7 @@
-"""Segmentation data sets in the PASCAL VOC layout (SPEC 8): VOC 2012 + SBD, and the synthetic set.
+"""Segmentation data sets in the PASCAL VOC layout (README, Real data): VOC 2012 + SBD, and the synthetic set.
 
 A data set is a split list of names, one image and (optionally) one mask per name, and
-image-level labels derived from the masks. Training samples are SPEC 6 augmentations at
+image-level labels derived from the masks. Training samples are the recipe's augmentations (docs/METHOD.md, VOC recipe) at
 crop_size x crop_size; evaluation samples are resized to crop_size x crop_size, as the
 published validation at 448 x 448. Images stay uint8 (see `transforms.normalize`).
 """

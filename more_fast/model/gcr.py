@@ -1,4 +1,4 @@
-"""Graph Category Representation (GCR, SPEC 1): class tokens refined by their top-k graph neighbours."""
+"""Graph Category Representation (GCR, docs/METHOD.md, Network): class tokens refined by their top-k graph neighbours."""
 from __future__ import annotations
 
 import torch
@@ -13,7 +13,7 @@ class GCR(nn.Module):
 
     H = head_proj(T), E = tail_proj(concat(T, stopgrad(P))), M = kernels.gcr_aggregate(H, E, k)
     with k = int(topk_ratio * K) (at least 1). Parameter names follow the published checkpoints.
-    score: "published" (product of sums, SPEC 1) or "dot" (the gated-attention reading).
+    score: "published" (product of sums, docs/METHOD.md, Network) or "dot" (the gated-attention reading).
     """
 
     def __init__(self, dim: int, topk_ratio: float = 0.5, score: str = "published"):

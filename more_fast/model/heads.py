@@ -1,4 +1,4 @@
-"""Heads of MoRe (SPEC 1): the classifiers (1x1 convs, no bias) and the LargeFOV decoder."""
+"""Heads of MoRe (docs/METHOD.md, Network): the classifiers (1x1 convs, no bias) and the LargeFOV decoder."""
 from __future__ import annotations
 
 import torch

@@ -1,7 +1,7 @@
-"""The MoRe network (SPEC 1): backbone, classifiers, GCR, LargeFOV decoder.
+"""The MoRe network (docs/METHOD.md, Network): backbone, classifiers, GCR, LargeFOV decoder.
 
 `forward_features` runs the backbone; `forward_head` applies the heads, so the no-grad CAM
-passes (SPEC 3) can run the backbone alone and the training forward can hand its maps over.
+passes (docs/METHOD.md, Multi-scale CAM) can run the backbone alone and the training forward can hand its maps over.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class MoReOutput:
 class MoReNet(nn.Module):
     """MoRe: backbone (`encoder`), `classifier`, `aux_classifier`, `graph_layer` (GCR), `decoder`.
 
-    Attribute names follow the published checkpoints (SPEC 8) so that they map over.
+    Attribute names follow the published checkpoints (README, Real data) so that they map over.
     """
 
     def __init__(self, backbone: str = "vit_base_patch16_224", num_classes: int = 20, num_registers: int = 4,
@@ -82,7 +82,7 @@ class MoReNet(nn.Module):
                 classifier_cam(self.aux_classifier, feats.aux_patch_tokens, feats.grid))
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """The five AdamW groups of SPEC 6: backbone weights, backbone norms, classifiers, GCR, decoder."""
+        """The five AdamW groups (docs/METHOD.md, VOC recipe): backbone weights, backbone norms, classifiers, GCR, decoder."""
         groups = {"backbone": [], "backbone_norm": [], "classifiers": [], "gcr": [], "decoder": []}
         for name, param in self.encoder.named_parameters():
             is_norm = param.dim() == 1 and ("norm" in name)

@@ -111,7 +111,7 @@ def _resize_patch_pos(patch_pos: torch.Tensor, grid: tuple[int, int]) -> torch.T
 
 @torch.no_grad()
 def init_from_timm_state(backbone: nn.Module, state: dict) -> list[str]:
-    """Initialize a MoReBackbone from a timm ViT state dict (SPEC 1).
+    """Initialize a MoReBackbone from a timm ViT state dict (docs/METHOD.md, Network).
 
     All R + K tokens start as copies of the single class token, and their position embeddings as
     copies of the class token's; the R register position embeddings are then re-drawn from a

@@ -78,7 +78,7 @@ class TrainConfig:
     @property
     def total_iters(self) -> int:
         """T of the schedule. `--iters` below it stops a run early without changing its schedule,
-        so a run of n iterations resumed to 2n matches a run of 2n (issue 9)."""
+        so a run of n iterations resumed to 2n matches a run of 2n ."""
         return self.schedule_iters if self.schedule_iters is not None else max(self.iters, self.recipe_iters)
 
     def scaled(self, name: str) -> int:

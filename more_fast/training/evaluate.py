@@ -1,4 +1,4 @@
-"""Validation: mIoU of CAM, aux CAM, LAM and decoder (SPEC 6/7) and PNG panels."""
+"""Validation: mIoU of CAM, aux CAM, LAM and decoder (docs/METHOD.md, Validation during training) and PNG panels."""
 from __future__ import annotations
 
 import pathlib

@@ -1,4 +1,4 @@
-"""The MoRe training loop (SPEC 2, 3, 4, 6): one readable step, logging, evaluation, checkpoints.
+"""The MoRe training loop (docs/METHOD.md: Losses, Maps and labels, Recipes): one readable step, logging, evaluation, checkpoints.
 
 A step: the training forward (grad); the no-grad multi-scale CAM passes, reusing the training
 forward for the unflipped scale-1.0 pass; labels from the CAMs (and PAR pseudo labels once the
@@ -75,7 +75,7 @@ def differs_from_recipe(cfg: TrainConfig) -> dict:
 
 
 def loss_weights(cfg: TrainConfig, it: int) -> dict[str, float]:
-    """The loss terms active at iteration `it` (0-based) and their weights (SPEC 2, Total).
+    """The loss terms active at iteration `it` (0-based) and their weights (docs/METHOD.md, Total loss and phases).
 
     A term whose weight is 0 is left out, so it is not computed at all: w_cre = w_ure = 0 is the
     ablation without LIR."""

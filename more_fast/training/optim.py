@@ -1,4 +1,4 @@
-"""AdamW with the five parameter groups of SPEC 6 and the warm-up + poly schedule."""
+"""AdamW with the five parameter groups (docs/METHOD.md, VOC recipe) and the warm-up + poly schedule."""
 from __future__ import annotations
 
 import torch
