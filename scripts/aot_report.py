@@ -40,8 +40,10 @@ import tempfile
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-# the report compiles for a GPU: never under the interpreter (it must be off before triton loads)
-os.environ["TRITON_INTERPRET"] = "0"
+# the report compiles for a GPU: never under the interpreter (it must be off before triton loads).
+# Only as a script: a test process that imports this module for its helpers keeps its interpreter.
+if __name__ == "__main__":
+    os.environ["TRITON_INTERPRET"] = "0"
 
 MODULES = ("affinity", "lir", "gcr", "attention", "energy", "par")
 # what the training step under bf16 autocast feeds each op: LayerNorm outputs stay fp32 (the

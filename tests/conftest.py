@@ -7,6 +7,9 @@ import os
 
 # the interpreter's tl.dot goes through numpy: BLAS threads fighting over 2 cores slow it 30x
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# one intra-op thread for every Trainer (more_fast/training/threads.py would otherwise pick it from
+# the load of the moment): runs compared bit for bit across processes must sum in the same order
+os.environ.setdefault("MORE_FAST_THREADS", "1")
 
 import torch  # noqa: E402  (importing torch does not import triton)
 

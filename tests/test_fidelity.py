@@ -281,7 +281,8 @@ def test_validation_uses_the_recipe_background(monkeypatch, tmp_path):
     monkeypatch.setattr(loop, "format_table", lambda results, it: "")
     cfg = TrainConfig(**dict(VOC_RECIPE, out=str(tmp_path)))
     fake = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), model=None, val_set=None, rank=0, world=1,
-                           is_main=False, out=tmp_path, trainer=SimpleNamespace(amp_dtype=None),
+                           is_main=False, out=tmp_path, train_step=SimpleNamespace(amp_dtype=None, features=None),
+                           tb=SimpleNamespace(panels=lambda *a: None, record=lambda r: None),
                            log=lambda m: None, _write_metrics=lambda r: None)
     loop.Trainer._evaluate(fake, 1)  # evaluate() only adds the backend context
     assert got["bkg"] == 0.5

@@ -45,7 +45,9 @@ def predict(model: MoReNet, images_u8: torch.Tensor, cls_labels: torch.Tensor, s
     x = normalize(images_u8)
     size = x.shape[-2:]
     with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-        out = model(x, attn_reduce="mean_softmax")  # the unflipped scale-1.0 pass, reused by the multi-scale maps
+        # the unflipped scale-1.0 pass (the compiled backbone where given), reused by the multi-scale maps
+        feats = (features or model.forward_features)(x, attn_reduce="mean_softmax")
+        out = model.forward_head(feats)
         reuse = model.cams(out) + (C.lam_from_tokens(out.patch_tokens, out.class_tokens, out.grid),)
         maps = C.multiscale_maps(model, x, scales, reuse=reuse, with_lam=True, backbone=features)
         seg = out.seg

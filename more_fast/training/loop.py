@@ -365,7 +365,8 @@ class Trainer:
                                cfg.num_classes, self.device, cfg.cam_scales, cfg.eval_bkg,
                                amp_dtype=self.train_step.amp_dtype,
                                panel_dir=self.out / "panels" / f"iter_{it:08d}" if self.is_main else None,
-                               num_panels=cfg.num_panels, artifacts=meter)
+                               num_panels=cfg.num_panels, artifacts=meter,
+                               features=self.train_step.features)  # the compiled backbone under --compile
         self.artifact = meter.result()
         self.log(format_table(results, it))
         self.log(format_artifacts(self.artifact))
