@@ -47,7 +47,7 @@ from timm.models.vision_transformer import Block as VitBlock
 import kernels
 
 from ..io import strip_prefixes
-from .pretrained import init_from_timm_state
+from .pretrained import init_from_timm_state, matching_tensors
 
 ATTN_IMPLS = ("sdpa", "explicit")
 CPA_REDUCES = ("mean_softmax", "sum_logits")
@@ -370,15 +370,7 @@ class MoReBackbone(nn.Module):
                              f"{self.name} expects 1 x 1 x {d} (width {d})")
         own = self.state_dict()
         skip = ("cls_token", "pos_embed")
-        rest = {key: val for key, val in state.items() if key in own and key not in skip}
-        missing = [key for key in own if key not in rest and key not in skip]
-        if missing:
-            raise ValueError(f"pretrained: the checkpoint lacks {len(missing)} of the {len(own) - 2} backbone "
-                             f"tensors of {self.name}, e.g. {missing[:3]}")
-        for key, val in rest.items():
-            if own[key].shape != val.shape:
-                raise ValueError(f"pretrained: {key} has shape {tuple(val.shape)}, the backbone "
-                                 f"{self.name} {tuple(own[key].shape)}")
+        rest = matching_tensors(self, own, state)
         r = self.num_registers
         prefix_pos = torch.zeros_like(self.pos_embed)  # BEiT adds no position embedding to its class token
         trunc_normal_(prefix_pos[:, :r])  # timm's defaults: std 1, cut at +-2 (as published)

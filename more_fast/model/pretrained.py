@@ -152,8 +152,19 @@ def init_from_timm_state(backbone: nn.Module, state: dict) -> list[str]:
     patch_pos = _resize_patch_pos(pos[:, num_prefix:], backbone.pos_grid)
     backbone.pos_embed.copy_(torch.cat([prefix_pos, patch_pos], dim=1))
     own = backbone.state_dict()
-    rest = {key: val for key, val in state.items() if key in own and key not in ("cls_token", "pos_embed")}
-    missing = [key for key in own if key not in rest and key not in ("cls_token", "pos_embed")]
+    rest = matching_tensors(backbone, own, state)
+    backbone.load_state_dict({**own, **rest}, strict=True)
+    return sorted(key for key in state if key not in rest and key not in _TOKEN_KEYS)
+
+
+_TOKEN_KEYS = ("cls_token", "pos_embed")  # set up from the checkpoint's, never copied as they are
+
+
+def matching_tensors(backbone: nn.Module, own: dict, state: dict) -> dict:
+    """The checkpoint tensors that the backbone copies as they are (all but the token and position
+    embeddings); ValueError naming the problem when one is missing or of another shape."""
+    rest = {key: val for key, val in state.items() if key in own and key not in _TOKEN_KEYS}
+    missing = [key for key in own if key not in rest and key not in _TOKEN_KEYS]
     if missing:
         raise ValueError(f"pretrained: the checkpoint lacks {len(missing)} of the {len(own) - 2} backbone "
                          f"tensors of {backbone.name}, e.g. {missing[:3]}")
@@ -161,8 +172,7 @@ def init_from_timm_state(backbone: nn.Module, state: dict) -> list[str]:
         if own[key].shape != val.shape:
             raise ValueError(f"pretrained: {key} has shape {tuple(val.shape)}, the backbone "
                              f"{backbone.name} {tuple(own[key].shape)}")
-    backbone.load_state_dict({**own, **rest}, strict=True)
-    return sorted(key for key in state if key not in rest and key not in ("cls_token", "pos_embed"))
+    return rest
 
 
 def _square_part(n: int) -> int:
