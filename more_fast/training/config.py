@@ -18,7 +18,7 @@ class TrainConfig:
     crop_size: int = 96  # training crop and evaluation size (VOC: 448)
     workers: int = 2  # DataLoader workers
     # model
-    backbone: str = "vit_tiny_patch16_224"  # any timm ViT name (VOC: vit_base_patch16_224)
+    backbone: str = "vit_tiny_patch16_224"  # a timm ViT of the tested families (README, Backbones; VOC: vit_base_patch16_224)
     pretrained: Optional[str] = None  # a local timm .pth/.safetensors file, or timm:<tag> (fetched by timm)
     num_registers: int = 4  # R
     topk_ratio: float = 0.5  # GCR k = int(0.5 K)
