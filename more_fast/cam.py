@@ -93,7 +93,7 @@ def resize_to_grid(cam: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 def par_pseudo_labels(image: torch.Tensor, cam: torch.Tensor, cls_labels: torch.Tensor,
                       hi: float = 0.7, lo: float = 0.25, dilations: Sequence[int] = PAR_DILATIONS,
-                      num_iter: int = 10) -> torch.Tensor:
+                      num_iter: int = 10, affinity_storage: str = "fp32") -> torch.Tensor:
     """PAR-refined pseudo labels for L_seg (docs/METHOD.md, PAR pseudo labels), batched.
 
     image B x 3 x H x W (0..255), cam B x K x H x W in [0, 1], cls_labels B x K.
@@ -113,7 +113,7 @@ def par_pseudo_labels(image: torch.Tensor, cam: torch.Tensor, cls_labels: torch.
     for bkg in (hi, lo):
         x = torch.cat([torch.full_like(small_cam[:, :1], bkg), small_cam], dim=1)  # B x (K+1) x h x w
         sets.append(x.masked_fill(absent, float("-inf")).softmax(dim=1))
-    refined = kernels.par_refine(small_image, torch.cat(sets, dim=1), list(dilations), num_iter)
+    refined = kernels.par_refine(small_image, torch.cat(sets, dim=1), list(dilations), num_iter, affinity_storage)
     refined = _resize(refined.float(), (height, width)).reshape(b, 2, k + 1, height, width)
     refined = refined.masked_fill(absent[:, None], -1.0)
     label_hi, label_lo = refined.argmax(dim=2).unbind(1)  # B x H x W each

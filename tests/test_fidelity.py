@@ -465,3 +465,34 @@ def test_pretrained_none_trains_from_scratch_under_a_recipe(tmp_path):
     assert cfg.pretrained is None
     cfg = config_from_args(["--data", "voc", "--data-root", str(tmp_path), "--pretrained", "NONE"])
     assert cfg.pretrained is None
+
+
+@pytest.mark.parametrize("storage", ["fp32", "bf16"])
+def test_par_affinity_storage_reaches_par_and_config_json(monkeypatch, tmp_path, storage):
+    """TrainConfig.par_affinity (fp32 by default: the published refinement) is what PAR stores, and
+    config.json records it; `--set par_affinity=bf16` is how a run asks for bf16."""
+    import json
+
+    import kernels
+    from more_fast.cli import config_from_args
+    from more_fast.training import TrainConfig
+    from more_fast.training.loop import TrainStep
+
+    assert TrainConfig().par_affinity == "fp32"
+    seen = []
+    real = kernels.par_refine
+
+    def par_refine(*args, **kw):
+        seen.append(args[4] if len(args) > 4 else kw.get("affinity_storage", "fp32"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(kernels, "par_refine", par_refine)
+    cfg = TrainConfig(num_classes=3, crop_size=32, batch_size=2, depth=2, decoder_dim=16, kernels="reference",
+                      cam_scales=(1.0,), par_affinity=storage)
+    step = TrainStep(_tiny().train(), cfg, torch.device("cpu"))
+    batch = {"image": torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8),
+             "cls_label": torch.tensor([[1.0, 0, 1], [0, 1, 0]])}
+    step.step(cfg.scaled("seg_start") + 1, batch)
+    assert seen == [storage]
+    parsed = config_from_args(["--set", f"par_affinity={storage}", "--out", str(tmp_path)])
+    assert parsed.par_affinity == storage and json.loads(json.dumps(parsed.to_dict()))["par_affinity"] == storage

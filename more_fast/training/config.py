@@ -68,6 +68,7 @@ class TrainConfig:
     amp: bool = False  # bf16 autocast (on the CPU only where it is not slower)
     compile: bool = False
     kernels: str = "auto"  # auto | triton | reference
+    par_affinity: str = "fp32"  # PAR's stored neighbour weights: fp32 (the published refinement) | bf16 (half the bytes)
     device: str = "auto"  # auto | cpu | cuda
     on_nonfinite: str = "stop"  # stop | skip
     # synthetic data set size (only for data=synthetic)

@@ -187,7 +187,7 @@ class TrainStep:
             ure = cre
         noise = torch.rand(ure.shape[0], ure.shape[1] * ure.shape[2], generator=self.ure_gen, device=self.device)
         ure_index, ure_valid = losses.ure_sample(ure, noise)
-        seg = (cam.par_pseudo_labels(image, maps["cam"], cls_labels, hi=cfg.cam_high)
+        seg = (cam.par_pseudo_labels(image, maps["cam"], cls_labels, hi=cfg.cam_high, affinity_storage=cfg.par_affinity)
                if "seg" in weights or "reg" in weights else None)
         return StepLabels(aux_labels.flatten(1), cre.flatten(1), ure_index, ure_valid, seg)
 
