@@ -189,6 +189,7 @@ def prepare_split(args: argparse.Namespace, split: str, out: Path) -> list[str]:
         extra.append(f"JPEGImages/{folder}: link to {images_dir} ({P.link_dir(image_out, images_dir, args.force)})")
 
     mask_dir = out / "SegmentationClass" / folder
+    P.remove_stale(mask_dir)
     tasks = [(Path(im["file_name"]).stem, images_dir / im["file_name"], int(im["height"]), int(im["width"]),
               by_image.get(im["id"], []), mask_dir / f"{Path(im['file_name']).stem}.png", args.crowd, args.force)
              for im in images]
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         lines = prepare(args)
-    except P.PrepareError as err:
+    except (P.PrepareError, OSError) as err:  # OSError: e.g. an output folder that is not writable
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

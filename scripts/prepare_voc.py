@@ -146,16 +146,18 @@ def prepare(args: argparse.Namespace) -> list[str]:
 
     # the list first, checked before anything is written: every name needs an image and a mask
     train_aug = sorted((set(sbd_train) | set(sbd_val) | set(voc_train)) - set(voc_val))
-    no_mask = [n for n in train_aug if n not in voc_masks and n not in sbd_masks]
+    no_mask = [n for n in train_aug + voc_val if n not in voc_masks and n not in sbd_masks]
     if no_mask:
-        raise P.PrepareError(f"{len(no_mask)} names of train_aug have no mask in {voc / 'SegmentationClass'} "
-                             f"or {sbd / 'cls'}, e.g. {no_mask[0]}: is a download incomplete?")
+        raise P.PrepareError(f"{len(no_mask)} names of train_aug / val have no mask in "
+                             f"{voc / 'SegmentationClass'} or {sbd / 'cls'}, e.g. {no_mask[0]}: "
+                             "is a download incomplete?")
     no_image = [n for n in train_aug + voc_val if not (voc / "JPEGImages" / f"{n}.jpg").is_file()]
     if no_image:
         raise P.PrepareError(f"{len(no_image)} listed names have no image in {voc / 'JPEGImages'}, "
                              f"e.g. {no_image[0]}.jpg: is the VOC download incomplete?")
 
     mask_dir = out / "SegmentationClassAug"
+    P.remove_stale(mask_dir)
     tasks = []
     for name in sorted(set(voc_masks) | set(sbd_masks)):
         source = "voc" if name in voc_masks else "sbd"  # VOC's own mask wins where both have one
@@ -168,7 +170,7 @@ def prepare(args: argparse.Namespace) -> list[str]:
     extra = []
     if out.resolve() != voc.resolve():  # a complete data root: images and VOC's lists too
         extra.append(("JPEGImages", P.link_dir(out / "JPEGImages", voc / "JPEGImages", args.force)))
-        for path in sorted(lists.glob("*.txt")):
+        for path in sorted(p for p in lists.glob("*.txt") if p.name != "train_aug.txt"):  # ours is made below
             extra.append((path.name, P.write_text(out / "ImageSets" / "Segmentation" / path.name,
                                                   path.read_text(), args.force, str(path))))
     list_status = P.write_text(out / "ImageSets" / "Segmentation" / "train_aug.txt",
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         lines = prepare(args)
-    except P.PrepareError as err:
+    except (P.PrepareError, OSError) as err:  # OSError: e.g. an output folder that is not writable
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

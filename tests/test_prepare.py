@@ -179,7 +179,10 @@ def test_voc_second_run_changes_nothing_and_resumes(tmp_path, capsys):
     (voc / "SegmentationClassAug" / "2008_000001.png").unlink()
     (voc / "SegmentationClassAug" / "2007_000004.png").unlink()
     (voc / "ImageSets" / "Segmentation" / "train_aug.txt").unlink()
+    stale = voc / "SegmentationClassAug" / ".2008_000001.png.tmp12345"
+    stale.write_bytes(b"half a png")
     assert prepare_voc.main(args) == 0
+    assert not stale.exists()
     assert "(2 written, 6 already there, 0 replaced)" in capsys.readouterr().out
     _check_voc_output(voc, expected, train_aug)
     # a grayscale copy of the same labels (as the SegmentationClassAug release ships) is the same
@@ -218,6 +221,7 @@ def test_voc_never_overwrites_a_different_file_without_force(tmp_path, capsys):
 def test_voc_out_folder_is_a_complete_data_root(tmp_path):
     voc, sbd, expected, train_aug = make_voc_sbd(tmp_path)
     out = tmp_path / "prepared"
+    (voc / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("an_older_list\n")  # not copied
     source = _snapshot(voc)
     assert prepare_voc.main(["--voc", str(voc), "--sbd", str(sbd), "--out", str(out), "--workers", "1"]) == 0
     assert _snapshot(voc) == source  # the VOC folder is only read
@@ -265,7 +269,30 @@ def test_voc_bad_mat_and_incomplete_download_one_line(tmp_path, capsys):
     (sbd / "cls" / "2008_000001.mat").unlink()
     assert prepare_voc.main(["--voc", str(voc), "--sbd", str(sbd), "--workers", "1"]) == 2
     err = capsys.readouterr().err
-    assert "1 names of train_aug have no mask" in err and "e.g. 2008_000001" in err
+    assert "1 names of train_aug / val have no mask" in err and "e.g. 2008_000001" in err
+
+
+def test_missing_data_extra_is_one_line(tmp_path, capsys, monkeypatch):
+    voc, sbd, _, _ = make_voc_sbd(tmp_path)
+    coco, _, _ = make_coco(tmp_path)
+    monkeypatch.setitem(sys.modules, "scipy.io", None)  # import scipy.io raises ImportError
+    monkeypatch.setitem(sys.modules, "pycocotools.mask", None)
+    assert prepare_voc.main(["--voc", str(voc), "--sbd", str(sbd)]) == 2
+    err = capsys.readouterr().err
+    assert _one_error(err) and "needs scipy: pip install -e \".[data]\"" in err
+    assert prepare_coco.main(["--coco", str(coco)]) == 2
+    err = capsys.readouterr().err
+    assert _one_error(err) and "needs pycocotools: pip install -e \".[data]\"" in err
+
+
+def test_unwritable_output_is_one_line(tmp_path, capsys):
+    voc, sbd, _, _ = make_voc_sbd(tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")  # --out under a file: no folder can be made there, even as root
+    assert prepare_voc.main(["--voc", str(voc), "--sbd", str(sbd), "--out", str(blocker / "out"),
+                             "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert _one_error(err) and "a_file" in err
 
 
 # ----------------------------------------------------------------------------------------- COCO

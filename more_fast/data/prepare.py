@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -48,6 +49,20 @@ def require(path: Path, kind: str, expected: str) -> Path:
 
 def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+_STALE = re.compile(r"^\..+\.tmp\d+$")
+
+
+def remove_stale(folder: Path) -> int:
+    """Delete the temporary files that a killed run left in `folder` (only names `_tmp` makes)."""
+    removed = 0
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if _STALE.match(path.name) and (path.is_file() or path.is_symlink()):
+                path.unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def _replace_atomic(path: Path, write: Callable[[Path], None]) -> None:
