@@ -57,7 +57,7 @@ IGNORE = 255
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--coco", required=True, type=Path,
                         help="folder with train2014/, val2014/ and annotations/")
@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--splits", nargs="+", choices=sorted(SPLITS), default=["train", "val"],
                         help="which splits to prepare (default: train val)")
     parser.add_argument("--crowd", choices=("class", "ignore"), default="class",
-                        help="crowd regions: painted with their category (default) or 255 where no instance covers them")
+                        help="crowd regions: painted with their category (default), or 255 where no "
+                             "instance covers them")
     parser.add_argument("--copy-images", action="store_true",
                         help="copy the images into JPEGImages/ instead of linking the folders")
     parser.add_argument("--force", action="store_true", help="overwrite output files that differ")
@@ -204,8 +205,8 @@ def prepare_split(args: argparse.Namespace, split: str, out: Path) -> list[str]:
         f"{folder}: {len(images)} images, {instances} annotations ({crowds} crowd regions: "
         f"{'painted as their category' if args.crowd == 'class' else '255 where no instance covers them'})",
         f"  SegmentationClass/{folder}: {len(tasks)} masks ({P.describe(statuses)})",
-        f"  images without a mask: {unannotated} without any annotation (all background; not listed), "
-        f"{len(images) - unannotated - len(listed)} annotated but without a class pixel (not listed)",
+        f"  images without an object: {unannotated} without any annotation (mask all background), "
+        f"{len(images) - unannotated - len(listed)} whose annotations leave no class pixel; neither is listed",
         f"  {list_path.relative_to(out)}: {len(listed)} names ({list_status})",
         *(f"  {line}" for line in extra),
     ]

@@ -54,10 +54,12 @@ SBD_EXPECTED = "SBD's benchmark_RELEASE/dataset (of benchmark.tgz)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--voc", required=True, type=Path, help="VOC2012 folder (JPEGImages/, SegmentationClass/, ImageSets/)")
-    parser.add_argument("--sbd", required=True, type=Path, help="SBD's benchmark_RELEASE/dataset (cls/, train.txt, val.txt)")
+    parser.add_argument("--voc", required=True, type=Path,
+                        help="VOC2012 folder (JPEGImages/, SegmentationClass/, ImageSets/)")
+    parser.add_argument("--sbd", required=True, type=Path,
+                        help="SBD's benchmark_RELEASE/dataset (cls/, train.txt, val.txt)")
     parser.add_argument("--out", type=Path, default=None,
                         help="where to write (default: the VOC folder); gets a JPEGImages link and VOC's lists")
     parser.add_argument("--force", action="store_true", help="overwrite output files that differ")
@@ -131,7 +133,8 @@ def prepare(args: argparse.Namespace) -> list[str]:
     try:
         import scipy.io  # noqa: F401
     except ImportError:
-        raise P.PrepareError('reading SBD\'s .mat files needs scipy: pip install -e ".[data]" (or pip install scipy)') from None
+        raise P.PrepareError('reading SBD\'s .mat files needs scipy: pip install -e ".[data]" '
+                             "(or pip install scipy)") from None
     out = args.out if args.out is not None else voc
     lists = voc / "ImageSets" / "Segmentation"
     voc_train, voc_val = read_names(lists / "train.txt"), read_names(lists / "val.txt")

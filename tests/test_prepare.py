@@ -190,6 +190,12 @@ def test_voc_second_run_changes_nothing_and_resumes(tmp_path, capsys):
     gray = (voc / "SegmentationClassAug" / "2008_000002.png").read_bytes()
     assert prepare_voc.main(args) == 0
     assert (voc / "SegmentationClassAug" / "2008_000002.png").read_bytes() == gray
+    # a differing file found by a worker of the pool: the run stops with one line
+    save_label_png(voc / "SegmentationClassAug" / "2008_000003.png", np.zeros((2, 2), np.uint8))
+    capsys.readouterr()
+    assert prepare_voc.main(args) == 2
+    err = capsys.readouterr().err
+    assert _one_error(err) and "2008_000003.png exists and differs" in err
 
 
 def test_voc_never_overwrites_a_different_file_without_force(tmp_path, capsys):
@@ -425,7 +431,7 @@ def test_coco_masks_rule_and_second_run(tmp_path, capsys):
     out = capsys.readouterr()
     assert "train2014: 4 images, 6 annotations (2 crowd regions: painted as their category)" in out.out
     assert "SegmentationClass/train2014: 4 masks (4 written, 0 already there, 0 replaced)" in out.out
-    assert "images without a mask: 1 without any annotation" in out.out
+    assert "images without an object: 1 without any annotation (mask all background), 0 whose" in out.out
     assert "ImageSets/Segmentation/train.txt: 3 names (written)" in out.out
     assert "SegmentationClass/val2014: 2/2 (100%)" in out.err and "ETA" in out.err
     before = _snapshot(coco)
@@ -447,7 +453,7 @@ def test_coco_crowd_ignore_out_and_copies(tmp_path, capsys):
         assert not images.is_symlink()
         assert {p.name: p.read_bytes() for p in images.iterdir()} == \
             {p.name: p.read_bytes() for p in (coco / folder).iterdir()}
-    assert "1 annotated but without a class pixel (not listed)" in capsys.readouterr().out
+    assert "1 whose annotations leave no class pixel; neither is listed" in capsys.readouterr().out
     # another rule on the same folder is a different mask: refused without --force
     before = _snapshot(out)
     assert prepare_coco.main(args[:-5] + ["--copy-images", "--workers", "1"]) == 2
