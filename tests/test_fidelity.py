@@ -223,6 +223,7 @@ def test_voc_recipe_background_half_and_pinned_weights_in_the_header():
     assert "validation background 0.5," in head and "high threshold 0.7," in head
     assert "pretrained timm:vit_base_patch16_224.orig_in21k_ft_in1k" in head
     assert "batch 4 (1 x 4)" in head and "CAM scales (1.0, 0.5, 0.75, 1.5)" in head
+    assert "L_ptc from 0, L_cre/L_ure from 0 (" in head  # VOC: from the first iteration
 
 
 def test_coco_recipe_is_the_published_coco_run_and_printed():
@@ -236,7 +237,7 @@ def test_coco_recipe_is_the_published_coco_run_and_printed():
     assert (cfg.cam_high, cfg.eval_bkg, cfg.w_cre, cfg.w_ure, cfg.cre_temperature) == (0.65, 0.45, 0.05, 0.0, 0.1)
     head = _header(cfg)
     for text in ("80000 iterations", "batch 8 (1 x 8)", "CAM scales (1.0, 0.5, 0.75, 1.25, 1.5)",
-                 "L_ptc from 8000", "L_cre/L_ure from 12000 (w_cre 0.05, w_ure 0.0, temperature 0.1)",
+                 "L_ptc after 8000", "L_cre/L_ure after 12000 (w_cre 0.05, w_ure 0.0, temperature 0.1)",
                  "L_seg/L_reg after 16000", "LIR labels from the CAM after 50000", "high threshold 0.65,",
                  "validation background 0.45,", "pretrained timm:vit_base_patch16_224.orig_in21k_ft_in1k"):
         assert text in head, (text, head)

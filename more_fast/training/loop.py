@@ -80,9 +80,11 @@ def loss_weights(cfg: TrainConfig, it: int) -> dict[str, float]:
     A term whose weight is 0 is left out, so it is not computed at all: w_cre = w_ure = 0 is the
     ablation without LIR."""
     w = {"cls": 1.0, "aux": 1.0, "mct": 1.0}
-    if it >= cfg.scaled("ptc_start"):
+    # as the published scripts: a term joins after its start (COCO `if n_iter <= 8000:` is the phase
+    # before L_ptc), and a start of 0 means from the first iteration (VOC's script has no condition)
+    if it > cfg.scaled("ptc_start") or cfg.scaled("ptc_start") == 0:
         w["ptc"] = cfg.w_ptc
-    if it >= cfg.scaled("lir_start"):
+    if it > cfg.scaled("lir_start") or cfg.scaled("lir_start") == 0:
         w["cre"] = cfg.w_cre
         w["ure"] = cfg.w_ure
     if it > cfg.scaled("seg_start"):
@@ -179,7 +181,7 @@ class TrainStep:
         cam_grid = cam.resize_to_grid(maps["cam"], grid)
         aux = cam.resize_to_grid(maps["aux_cam"], grid)
         aux_labels = cam.cam_labels(aux, cls_labels, cfg.cam_high, 0.25)  # B x h x w: L_ptc's, and L_ure's at first
-        if it < cfg.scaled("label_switch"):
+        if it <= cfg.scaled("label_switch"):  # published: `aux if n_iter <= 10000 else cam`
             cre = cam.cam_labels(aux, cls_labels, 0.5, 0.25)
             ure = aux_labels
         else:
@@ -284,13 +286,14 @@ class Trainer:
     def _log_schedule(self) -> None:
         cfg = self.cfg
         t = cfg.total_iters
+        joins = lambda name: f"after {cfg.scaled(name)}" if cfg.scaled(name) else "from 0"  # noqa: E731
         note = "" if t >= cfg.reference_iters else f" (the recipe's {cfg.reference_iters}-iteration thresholds scaled by {t}/{cfg.reference_iters})"
         self.log(f"schedule: {t} iterations, running {cfg.iters}; warm-up {cfg.scaled('warmup_iters')}, "
                  f"L_seg/L_reg after {cfg.scaled('seg_start')}, LIR labels from the CAM after "
                  f"{cfg.scaled('label_switch')}{note}")
         self.log(f"recipe: batch {cfg.batch_size * self.world} ({self.world} x {cfg.batch_size}), CAM scales "
-                 f"{tuple(cfg.cam_scales)}, L_ptc from {cfg.scaled('ptc_start')}, L_cre/L_ure from "
-                 f"{cfg.scaled('lir_start')} (w_cre {cfg.w_cre}, w_ure {cfg.w_ure}, "
+                 f"{tuple(cfg.cam_scales)}, L_ptc {joins('ptc_start')}, L_cre/L_ure "
+                 f"{joins('lir_start')} (w_cre {cfg.w_cre}, w_ure {cfg.w_ure}, "
                  f"temperature {cfg.cre_temperature}), "
                  f"aux-CAM/PAR high threshold {cfg.cam_high}, validation background {cfg.eval_bkg}, "
                  f"pretrained {cfg.pretrained or 'none'}")
