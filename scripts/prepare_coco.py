@@ -49,11 +49,11 @@ from PIL import Image
 from more_fast.cli import positive_int
 from more_fast.data import prepare as P
 from more_fast.data.coco import COCO_CLASSES
+from more_fast.data.palette import IGNORE_INDEX as IGNORE
 
 SPLITS = {"train": "train2014", "val": "val2014"}
 EXPECTED = ("COCO 2014's folder: train2014/, val2014/ (train2014.zip, val2014.zip) and "
             "annotations/instances_{train,val}2014.json (annotations_trainval2014.zip)")
-IGNORE = 255
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -93,32 +93,6 @@ def loss_weights(cfg: TrainConfig, it: int) -> dict[str, float]:
     return {name: value for name, value in w.items() if value != 0}
 
 
-def compute_losses(out: MoReOutput, cls_labels: torch.Tensor, ptc_labels: torch.Tensor,
-                   cre_labels: torch.Tensor, ure_index: torch.Tensor, ure_valid: torch.Tensor,
-                   seg_labels: Optional[torch.Tensor], image: torch.Tensor, weights: dict[str, float],
-                   cre_temperature: float, reg_scale: float = 0.5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The weighted total and each active term. Labels on the grid are B x N (seg: B x H x W)."""
-    terms = {
-        "cls": losses.cls_loss(out.logits, cls_labels),
-        "aux": losses.cls_loss(out.aux_logits, cls_labels),
-        "mct": losses.mct_loss(out.class_tokens),
-    }
-    if "ptc" in weights:
-        terms["ptc"] = losses.ptc_loss(out.patch_tokens, ptc_labels)
-    if "cre" in weights:
-        terms["cre"] = losses.cre_loss(out.class_tokens, out.patch_tokens, cre_labels, cls_labels, cre_temperature)
-    if "ure" in weights:
-        terms["ure"] = losses.ure_loss(out.patch_tokens, out.class_tokens, ure_index, ure_valid, cls_labels)
-    if "seg" in weights or "reg" in weights:
-        seg = F.interpolate(out.seg.float(), size=image.shape[-2:], mode="bilinear", align_corners=False)
-        if "seg" in weights:
-            terms["seg"] = losses.seg_loss(seg, seg_labels)
-        if "reg" in weights:
-            terms["reg"] = losses.reg_loss(image, seg, seg_labels, scale=reg_scale)
-    total = sum(weights[name] * value.float() for name, value in terms.items())
-    return total, terms
-
-
 @dataclass
 class StepLabels:
     ptc: torch.Tensor  # B x N
@@ -169,7 +143,7 @@ class TrainStep:
         self.ddp = isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
         self.forward = torch.compile(wrapped, fullgraph=True) if cfg.compile else wrapped
         self.features = torch.compile(self.model.forward_features, fullgraph=True) if cfg.compile else None
-        self.losses = torch.compile(compute_losses, fullgraph=True) if cfg.compile else compute_losses
+        self.losses = torch.compile(losses.compute_losses, fullgraph=True) if cfg.compile else losses.compute_losses
 
     @torch.no_grad()
     def make_labels(self, x: torch.Tensor, image: torch.Tensor, out: MoReOutput, cls_labels: torch.Tensor,
@@ -180,16 +154,16 @@ class TrainStep:
         grid = out.grid
         cam_grid = cam.resize_to_grid(maps["cam"], grid)
         aux = cam.resize_to_grid(maps["aux_cam"], grid)
-        aux_labels = cam.cam_labels(aux, cls_labels, cfg.cam_high, 0.25)  # B x h x w: L_ptc's, and L_ure's at first
+        aux_labels = cam.cam_labels(aux, cls_labels, cfg.cam_high, cfg.cam_low)  # B x h x w: L_ptc's, and L_ure's at first
         if it <= cfg.scaled("label_switch"):  # published: `aux if n_iter <= 10000 else cam`
-            cre = cam.cam_labels(aux, cls_labels, 0.5, 0.25)
+            cre = cam.cam_labels(aux, cls_labels, cfg.cre_high, cfg.cam_low)
             ure = aux_labels
         else:
-            cre = cam.cam_labels(cam_grid, cls_labels, 0.6, 0.35)
+            cre = cam.cam_labels(cam_grid, cls_labels, cfg.lir_high, cfg.lir_low)
             ure = cre
         noise = torch.rand(ure.shape[0], ure.shape[1] * ure.shape[2], generator=self.ure_gen, device=self.device)
         ure_index, ure_valid = losses.ure_sample(ure, noise)
-        seg = (cam.par_pseudo_labels(image, maps["cam"], cls_labels, hi=cfg.cam_high, affinity_storage=cfg.par_affinity)
+        seg = (cam.par_pseudo_labels(image, maps["cam"], cls_labels, cfg.cam_high, cfg.cam_low, cfg.par_affinity)
                if "seg" in weights or "reg" in weights else None)
         return StepLabels(aux_labels.flatten(1), cre.flatten(1), ure_index, ure_valid, seg)
 
@@ -218,7 +192,7 @@ class TrainStep:
             labels = self.make_labels(x, image, out, cls_labels, it, weights)
             total, terms = self.losses(out, cls_labels, labels.ptc, labels.cre, labels.ure_index,
                                        labels.ure_valid, labels.seg, image, weights, cfg.cre_temperature,
-                                       cfg.reg_scale)
+                                       cfg.reg_scale, cfg.reg_sigma_rgb, cfg.reg_sigma_xy)
             if "seg" not in weights and "reg" not in weights:  # as the published 0 * L_seg: the decoder gets
                 # zero gradients, so AdamW decays it and counts its steps from iteration 1 (and DDP sees
                 # every output used)
