@@ -323,6 +323,14 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
         values.pop("pretrained", None)
     if (args.pretrained or "").lower() == "none":  # from scratch, also under a recipe that names weights
         values.pop("pretrained", None)
+    recipe_weights = values.get("pretrained") if args.pretrained is None else None
+    if recipe_weights and recipe_weights.startswith("timm:"):  # the recipe's tag names an architecture
+        arch = recipe_weights.removeprefix("timm:").split(".")[0]
+        backbone = values.get("backbone", TrainConfig.backbone)
+        if backbone != arch:
+            parser.error(f"--backbone: the {args.data} recipe's weights ({recipe_weights}) are for {arch}, not "
+                         f"{backbone}: pass --pretrained FILE or timm:TAG with weights of {backbone}, or "
+                         f"--pretrained none to train it from scratch")
     if values.get("pretrained"):  # a missing file, an unknown tag or no network: stop before any work
         from .model.pretrained import check_pretrained
 

@@ -395,6 +395,24 @@ def test_train_cli_exits_2_naming_the_flag_before_work(train_script, argv, flag,
     assert os.listdir(tmp_path) == []  # nothing written
 
 
+@pytest.mark.parametrize("data", ["voc", "coco"])
+def test_recipe_weights_for_another_backbone_are_named(train_script, data, monkeypatch, tmp_path):
+    """A recipe's pretrained tag names its architecture: another --backbone without --pretrained says
+    so (not that the weights cannot be fetched), before any work."""
+    root = tmp_path / "data"
+    root.mkdir()
+    monkeypatch.setattr(train_script, "Trainer", lambda *a, **k: pytest.fail("the Trainer was built"))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
+        train_script.main(["--data", data, "--data-root", str(root), "--backbone", "vit_tiny_patch16_224"])
+    assert exc.value.code == 2
+    last = err.getvalue().strip().splitlines()[-1]
+    assert last == (f"train.py: error: --backbone: the {data} recipe's weights "
+                    "(timm:vit_base_patch16_224.orig_in21k_ft_in1k) are for vit_base_patch16_224, not "
+                    "vit_tiny_patch16_224: pass --pretrained FILE or timm:TAG with weights of vit_tiny_patch16_224, "
+                    "or --pretrained none to train it from scratch"), last
+
+
 def test_train_script_subprocess_rejects_missing_data_root(tmp_path):
     missing = tmp_path / "VOC2012"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--data", "voc",
