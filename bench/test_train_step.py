@@ -7,7 +7,7 @@ One `TrainStep.step(it, batch)` is forward, the no-grad multi-scale CAM passes, 
 - fast: bf16 autocast, SDPA, MORE_FAST_KERNELS=auto (the Triton kernels on CUDA), torch.compile.
 
 CUDA: ViT-B/16 (vit_base_patch16_224), B = 4, 448 crop, K = 20, R = 4, CAM scales
-(1.0, 0.5, 0.75, 1.5): the VOC recipe's step, about 7 TFLOP (telemetry.step_flops).
+(1.0, 0.5, 0.75, 1.5): the VOC recipe's step, about 7 TFLOP (MoReNet.train_step_flops).
 CPU: the same step with a tiny ViT (vit_tiny_patch16_224), B = 2, 64 crop, so it stays cheap.
 On the CPU the fast pipeline runs without torch.compile (compiling the whole step takes minutes
 on 2 cores, measured ~290 s for the first step) and without autocast (a tiny model at 64 px is
@@ -38,7 +38,7 @@ from common import DEVICE, measure, software_info, sync
 from more_fast.model.network import MoReNet
 from more_fast.training.config import VOC_RECIPE, TrainConfig
 from more_fast.training.loop import TERMS, TrainStep, loss_weights
-from more_fast.training.telemetry import peak_flops, step_flops
+from more_fast.training.telemetry import peak_flops
 
 CUDA = DEVICE.type == "cuda"
 FUSED_OPS = ("affinity_loss", "lir_loss", "gcr_aggregate", "class_patch_attention", "par_refine", "dense_energy_loss")
@@ -122,8 +122,7 @@ def test_train_step(benchmark, pipeline):
         terms = state["terms"]
         assert set(terms) == {t for t in TERMS if t in weights}, sorted(terms)
         nonfinite = [name for name, value in terms.items() if not bool(torch.isfinite(value))]
-        m = model.encoder
-        flops = step_flops(CROP, B, m.embed_dim, len(m.blocks), m.num_prefix, K, SCALES, m.patch_size, cfg.decoder_dim)
+        flops = model.train_step_flops(CROP, B, SCALES)
         median = benchmark.stats.stats.median
         peak = peak_flops(DEVICE)
         info.update(

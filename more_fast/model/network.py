@@ -8,12 +8,13 @@ from __future__ import annotations
 import inspect
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from .backbone import BackboneOutput, MoReBackbone
+from .flops import step_flops
 from .gcr import GCR, NoGCR
 from .heads import LargeFOV, classifier_cam, classifier_logits, make_classifier, tokens_to_map
 
@@ -82,6 +83,13 @@ class MoReNet(nn.Module):
         """(CAM, aux CAM), each B x K x h x w, from backbone outputs (no ReLU)."""
         return (classifier_cam(self.classifier, feats.patch_tokens, feats.grid),
                 classifier_cam(self.aux_classifier, feats.aux_patch_tokens, feats.grid))
+
+    def train_step_flops(self, crop: int, batch: int, cam_scales: Sequence[float]) -> float:
+        """Matmul FLOPs of one training step on `batch` images of `crop` x `crop`: forward and backward of
+        the training pass and the no-grad multi-scale CAM passes at `cam_scales` (model/flops.py)."""
+        m = self.encoder
+        return step_flops(crop, batch, m.embed_dim, len(m.blocks), m.num_prefix, self.num_classes, cam_scales,
+                          m.patch_size, self.config["decoder_dim"])
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """The five AdamW groups (docs/METHOD.md, VOC recipe): backbone weights, backbone norms, classifiers, GCR, decoder."""
