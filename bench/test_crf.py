@@ -8,6 +8,8 @@ xy 67 rgb 3 w 4). Unaries: a blurred noisy label map's softmax. Rows:
   pydensecrf_cpu   pydensecrf's DenseCRF2D.inference (skips where pydensecrf is not importable)
   lattice          more_fast.crf.dense_crf(backend="lattice") on DEVICE, lattice construction included
   lattice_batch4   four images of that size in one lattice (dense_crf_images); per_image_ms = median / 4
+  lattice_gather   one image, the gather/index_add_ filter (dense_crf_images(impl="gather")) instead
+                   of the CSR products: which of the two a GPU runs faster
 
 Every row records per_image_ms and voc_val_pass_s: the time of the VOC val CRF pass it implies,
 1,449 images x 2 CRFs (LAM and decoder, scripts/evaluate.py --crf), at this shape.
@@ -75,3 +77,14 @@ def test_crf_lattice_batch4(benchmark):
             pass_="fwd", shape=dict(B=4, H=H, W=W, C=C, iters=ITERS), rounds=10 if DEVICE.type == "cuda" else 2,
             warmup=1)
     _record(benchmark, 4)
+
+
+def test_crf_lattice_gather(benchmark):
+    from more_fast.crf import dense_crf_images
+
+    _, _, images, probs = _inputs(1)
+    images_t, probs_t = torch.from_numpy(images).to(DEVICE), torch.from_numpy(probs).to(DEVICE)
+    measure(benchmark, lambda: dense_crf_images(images_t, probs_t, iters=ITERS, impl="gather"),
+            variant="lattice_gather", pass_="fwd", shape=dict(H=H, W=W, C=C, iters=ITERS),
+            rounds=20 if DEVICE.type == "cuda" else 3, warmup=1)
+    _record(benchmark, 1)

@@ -138,9 +138,11 @@ def dense_crf(image: Array, probs: Array, iters: int = 10, pos_xy: float = 1.0, 
 
 
 def dense_crf_images(images: torch.Tensor, probs: torch.Tensor, iters: int = 10, pos_xy: float = 1.0,
-                     pos_w: float = 3.0, bi_xy: float = 67.0, bi_rgb: float = 3.0, bi_w: float = 4.0) -> torch.Tensor:
+                     pos_w: float = 3.0, bi_xy: float = 67.0, bi_rgb: float = 3.0, bi_w: float = 4.0,
+                     impl: str = "csr") -> torch.Tensor:
     """The lattice CRF of B images of one size at once: B x H x W x 3 uint8, B x C x H x W scores
-    (one device) -> B x C x H x W float32 marginals, each image's as dense_crf gives it."""
+    (one device) -> B x C x H x W float32 marginals, each image's as dense_crf gives it. impl:
+    more_fast.lattice.dense_crf_batch's ("csr" or "gather")."""
     _check_params(iters, pos_xy, pos_w, bi_xy, bi_rgb, bi_w)
     if not isinstance(images, torch.Tensor) or not isinstance(probs, torch.Tensor):
         raise ValueError("images, probs: expected tensors (dense_crf takes NumPy arrays)")
@@ -149,7 +151,7 @@ def dense_crf_images(images: torch.Tensor, probs: torch.Tensor, iters: int = 10,
 
     with torch.no_grad():
         return dense_crf_batch(images, probs.float(), int(iters), float(pos_xy), float(pos_w), float(bi_xy),
-                               float(bi_rgb), float(bi_w))
+                               float(bi_rgb), float(bi_w), impl)
 
 
 def _pydensecrf(image: np.ndarray, probs: np.ndarray, iters: int, pos_xy: float, pos_w: float, bi_xy: float,

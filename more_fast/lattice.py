@@ -250,18 +250,29 @@ def lattice_filter_gather(lattice: Lattice, values: torch.Tensor, reverse: bool 
     return out
 
 
+IMPLS = ("csr", "gather")
+
+
+def _filter(impl: str):
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    return lattice_filter if impl == "csr" else lattice_filter_gather
+
+
 class DenseKernel:
     """A Gaussian pairwise kernel with NORMALIZE_SYMMETRIC: apply(Q) = n * L(n * Q), n = 1 /
-    sqrt(L 1 + 1e-20) (computed in double, stored float32, as pairwise.cpp)."""
+    sqrt(L 1 + 1e-20) (computed in double, stored float32, as pairwise.cpp). impl: "csr"
+    (lattice_filter, the default) or "gather" (lattice_filter_gather)."""
 
-    def __init__(self, features: torch.Tensor):
+    def __init__(self, features: torch.Tensor, impl: str = "csr"):
+        self.filter = _filter(impl)
         self.lattice = build_lattice(features)
         ones = torch.ones(features.shape[0] * features.shape[1], 1, dtype=torch.float32, device=features.device)
-        norm = lattice_filter(self.lattice, ones)
+        norm = self.filter(self.lattice, ones)
         self.norm = (1.0 / torch.sqrt(norm.double() + 1e-20)).float()  # P x 1
 
     def apply(self, q: torch.Tensor) -> torch.Tensor:
-        return lattice_filter(self.lattice, q * self.norm) * self.norm
+        return self.filter(self.lattice, q * self.norm) * self.norm
 
 
 def pixel_features(images: torch.Tensor, xy: float, rgb: float | None = None) -> torch.Tensor:
@@ -293,17 +304,20 @@ def mean_field(unary: torch.Tensor, kernels: Sequence[tuple[float, DenseKernel]]
 
 
 def dense_crf_batch(images: torch.Tensor, probs: torch.Tensor, iters: int = 10, pos_xy: float = 1.0,
-                    pos_w: float = 3.0, bi_xy: float = 67.0, bi_rgb: float = 3.0, bi_w: float = 4.0) -> torch.Tensor:
+                    pos_w: float = 3.0, bi_xy: float = 67.0, bi_rgb: float = 3.0, bi_w: float = 4.0,
+                    impl: str = "csr") -> torch.Tensor:
     """B x H x W x 3 uint8 images and B x C x H x W scores in [0, 1] (same device) -> B x C x H x W
     float32 marginals, pydensecrf's DenseCRF2D with addPairwiseGaussian(pos_xy, pos_w) and
-    addPairwiseBilateral(bi_xy, bi_rgb, image, bi_w). Inputs are checked by more_fast.crf.dense_crf."""
+    addPairwiseBilateral(bi_xy, bi_rgb, image, bi_w). Inputs are checked by more_fast.crf.dense_crf.
+    impl: the lattice filter, "csr" (sparse products, deterministic) or "gather" (index_add_ and
+    gathers; on CUDA the splat's atomics make the last bits vary run to run)."""
     b, c, h, w = probs.shape
     unary = -torch.log(probs.float().clamp(1e-5, 1.0))  # pydensecrf.utils.unary_from_softmax
     unary = unary.permute(0, 2, 3, 1).reshape(b * h * w, c)
     kernels = []
     if pos_w != 0:
-        kernels.append((pos_w, DenseKernel(pixel_features(images, pos_xy))))
+        kernels.append((pos_w, DenseKernel(pixel_features(images, pos_xy), impl)))
     if bi_w != 0:
-        kernels.append((bi_w, DenseKernel(pixel_features(images, bi_xy, bi_rgb))))
+        kernels.append((bi_w, DenseKernel(pixel_features(images, bi_xy, bi_rgb), impl)))
     q = mean_field(unary, kernels, iters)
     return q.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()

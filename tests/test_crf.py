@@ -110,9 +110,13 @@ def test_lattice_batches_images_of_one_size():
         torch.testing.assert_close(out[part], L.lattice_filter(alone, v[part]), rtol=1e-6, atol=1e-7)
     probs = np.stack([noisy_probs(a, 4), noisy_probs(b, 4, seed=1)])
     q = dense_crf_images(torch.from_numpy(np.stack([a, b])), torch.from_numpy(probs))
+    q_gather = dense_crf_images(torch.from_numpy(np.stack([a, b])), torch.from_numpy(probs), impl="gather")
+    torch.testing.assert_close(q_gather, q, rtol=0, atol=1e-6)
     for i, img in enumerate((a, b)):
         torch.testing.assert_close(q[i], torch.from_numpy(dense_crf(img, probs[i], backend="lattice")),
                                    rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="^impl:"):
+        dense_crf_images(torch.from_numpy(np.stack([a, b])), torch.from_numpy(probs), impl="dense")
 
 
 @pytest.mark.parametrize("iters", [1, 10])
@@ -318,3 +322,22 @@ def test_pydensecrf_backend_missing_says_how_to_install(monkeypatch):
     with pytest.raises(RuntimeError, match="pip install pydensecrf2"):
         dense_crf(img, probs, backend="pydensecrf")
     assert dense_crf(img, probs).shape == (3, 8, 8)  # the lattice needs nothing
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["csr", "gather"])
+def test_cuda_lattice_matches_the_cpu_and_pydensecrf(impl):
+    """On a GPU: the CRF of CUDA tensors (lattice built on the device) against the CPU's and pydensecrf's."""
+    img = photo("chelsea")
+    probs = noisy_probs(img, 21, seed=5)
+    cpu = dense_crf_images(torch.from_numpy(img)[None], torch.from_numpy(probs)[None], impl=impl)[0]
+    gpu = dense_crf_images(torch.from_numpy(img)[None].cuda(), torch.from_numpy(probs)[None].cuda(), impl=impl)[0]
+    assert gpu.device.type == "cuda"
+    assert (gpu.argmax(0).cpu() == cpu.argmax(0)).float().mean() >= 0.999
+    assert (gpu.cpu() - cpu).abs().max() <= 1e-4
+    if HAVE_PYDENSECRF:
+        want = pydensecrf_crf(img, probs)
+        assert float((gpu.argmax(0).cpu().numpy() == want.argmax(0)).mean()) >= 0.999
+    if impl == "csr":  # deterministic: the same bits twice
+        again = dense_crf_images(torch.from_numpy(img)[None].cuda(), torch.from_numpy(probs)[None].cuda())[0]
+        assert torch.equal(again, gpu)
