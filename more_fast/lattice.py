@@ -24,8 +24,9 @@ blur and slice is not the C++'s order: the filtered values differ from it in the
 Lattice construction: the d+1 vertex keys of every pixel, vectorized; keys packed into one int64
 (mixed radix over the keys' ranges, the image index as the top digit) and deduplicated by a
 stable sort and run-length; a neighbour along direction j is the packed key plus a constant, found by
-searchsorted. One small device-to-host read (2 d integers: the keys' ranges) picks the radix and
-the unique count sizes the table; no per-pixel Python. The plain loop version of the same algorithm is more_fast/lattice_reference.py,
+searchsorted. The device-to-host reads of a build are three scalars' worth: the finite-features
+check, the keys' ranges (2 d integers, the radix) and the number of lattice points (the table's
+size); no per-pixel data leaves the device and no Python runs per pixel. The plain loop version of the same algorithm is more_fast/lattice_reference.py,
 the oracle of the tests.
 
 Dense CRF (densecrf.cpp's inference, NORMALIZE_SYMMETRIC, Potts): U = -log(clip(p, 1e-5, 1)),
@@ -53,7 +54,8 @@ class Lattice:
     zero row of an absent neighbour, lattice point m is row m + 1); weights P x (d+1) float32:
     the barycentric weights; neighbors (d+1) x 2 x M int64 (padded rows, 0 = absent): the n1
     and n2 neighbours of each lattice point along each direction; d; num_points M; ops: the
-    same maps as CSR matrices (splat, blur per direction, slice), what lattice_filter runs."""
+    same maps as CSR matrices (splat, blur per direction, slice; _sparse_operators), what
+    lattice_filter runs."""
     offsets: torch.Tensor
     weights: torch.Tensor
     neighbors: torch.Tensor
@@ -188,31 +190,33 @@ def _csr(crow: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tupl
 
 def _sparse_operators(vertex: torch.Tensor, bary: torch.Tensor, neighbors: torch.Tensor, m: int, d: int,
                       point: torch.Tensor, perm: torch.Tensor) -> dict:
-    """The lattice's linear maps as CSR matrices: splat S (M x P, S[v, n] = b_r(n) for v = vertex_r(n)),
-    blur B_j (M x M: 1 on the diagonal, 1/2 at each present neighbour along j) and slice
-    alpha S^T (P x M). `point`, `perm`: the lattice point of each entry in key order and the
+    """The lattice's linear maps as CSR matrices over a table of T = M + 2 rows (rows M and M + 1
+    stay zero: the absent n1 and n2 neighbours, as the C++'s row 0): splat S (T x P, S[v, n] =
+    b_r(n) for v = vertex_r(n)), blur B_j (T x T: 1 on the diagonal, 1/2 at the n1 and n2
+    neighbours along j, exactly 3 entries a row, so no size depends on the data) and slice
+    alpha S^T (P x T). `point`, `perm`: the lattice point of each entry in key order and the
     entries' flat (pixel-major) index. A CSR product sums a row's entries in column order: a
     splat adds its pixels in pixel order, as the C++ does."""
     p = vertex.shape[0]
     dev = vertex.device
-    crow = torch.zeros(m + 1, dtype=torch.int64, device=dev)
-    crow[1:] = torch.cumsum(torch.bincount(point, minlength=m), dim=0)
-    ops = {"splat": _csr(crow, perm // (d + 1), bary.reshape(-1)[perm], (m, p))}
+    t = m + 2
+    crow = torch.zeros(t + 1, dtype=torch.int64, device=dev)
+    crow[1:m + 1] = torch.cumsum(torch.bincount(point, minlength=m), dim=0)
+    crow[m + 1:] = crow[m]
+    ops = {"splat": _csr(crow, perm // (d + 1), bary.reshape(-1)[perm], (t, p))}
     alpha = torch.tensor(1.0 / (1.0 + 2.0 ** -d), dtype=torch.float32, device=dev)
     cols, order = torch.sort(vertex, dim=1)  # a pixel's d+1 vertices are distinct points
     crow = torch.arange(0, p * (d + 1) + 1, d + 1, device=dev)
-    ops["slice"] = _csr(crow, cols.reshape(-1), (torch.gather(bary, 1, order) * alpha).reshape(-1), (p, m))
+    ops["slice"] = _csr(crow, cols.reshape(-1), (torch.gather(bary, 1, order) * alpha).reshape(-1), (p, t))
     me = torch.arange(m, device=dev)
     weights = torch.tensor([1.0, 0.5, 0.5], dtype=torch.float32, device=dev).expand(m, 3)
+    crow = torch.cat([torch.arange(0, 3 * m + 1, 3, device=dev), torch.full((2,), 3 * m, device=dev)])
     blur = []
     for j in range(d + 1):
-        cols = torch.stack([me, neighbors[j, 0] - 1, neighbors[j, 1] - 1], dim=1)  # -1: absent
-        cols = torch.where(cols < 0, torch.full_like(cols, m), cols)  # absent last, then dropped
-        cols, order = torch.sort(cols, dim=1)
-        keep = cols < m
-        crow = torch.zeros(m + 1, dtype=torch.int64, device=dev)
-        crow[1:] = torch.cumsum(keep.sum(dim=1), dim=0)
-        blur.append(_csr(crow, cols[keep], torch.gather(weights, 1, order)[keep], (m, m)))
+        n1 = torch.where(neighbors[j, 0] > 0, neighbors[j, 0] - 1, torch.full_like(me, m))  # absent: zero row M
+        n2 = torch.where(neighbors[j, 1] > 0, neighbors[j, 1] - 1, torch.full_like(me, m + 1))  # and M + 1
+        cols, order = torch.sort(torch.stack([me, n1, n2], dim=1), dim=1)  # three distinct columns
+        blur.append(_csr(crow, cols.reshape(-1), torch.gather(weights, 1, order).reshape(-1), (t, t)))
     ops["blur"] = blur
     return ops
 
