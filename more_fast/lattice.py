@@ -169,14 +169,18 @@ def build_lattice(features: torch.Tensor) -> Lattice:
     inverse = torch.empty_like(point)
     inverse[perm] = point
     neighbors = torch.empty(d + 1, 2, m, dtype=torch.int64, device=dev)
+    me = torch.arange(m, device=dev)
     for j in range(d + 1):
-        # n1: key - 1 in every coordinate but j, key_j + d (j < d); for j = d all - 1
+        # n1: key - 1 in every coordinate but j, key_j + d (j < d); for j = d all - 1; n2 = key - that
         delta = -sum(strides) + (d + 1) * strides[j] if j < d else -sum(strides)
-        for side, shift in ((0, delta), (1, -delta)):
-            q = uniq + shift
-            pos = torch.searchsorted(uniq, q).clamp_(max=m - 1)
-            found = uniq[pos] == q
-            neighbors[j, side] = torch.where(found, pos + 1, torch.zeros_like(pos))
+        q = uniq + delta
+        pos = torch.searchsorted(uniq, q).clamp_(max=m - 1)
+        found = uniq[pos] == q
+        neighbors[j, 0] = torch.where(found, pos + 1, torch.zeros_like(pos))
+        # b = n1(a) exactly when a = n2(b): one search serves both sides
+        n2 = torch.zeros(m + 1, dtype=torch.int64, device=dev)
+        n2[torch.where(found, pos, torch.full_like(pos, m))] = me + 1
+        neighbors[j, 1] = n2[:m]
     offsets = (inverse + 1).reshape(b * n, d + 1)
     ops = _sparse_operators(offsets - 1, bary, neighbors, m, d, point, perm)
     return Lattice(offsets=offsets, weights=bary, neighbors=neighbors, d=d, num_points=m, ops=ops)
