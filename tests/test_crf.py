@@ -265,6 +265,15 @@ def test_ignore_region_is_filled_from_its_surroundings():
     assert np.unique(inside.argmax(0)).size > 1  # and not one label everywhere
 
 
+@needs_pydensecrf
+@pytest.mark.parametrize("h,w", [(1, 1), (1, 7), (5, 1), (2, 3)])
+def test_tiny_images_match_pydensecrf(h, w):
+    rng = np.random.default_rng(h * 10 + w)
+    img = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+    probs = rng.random((3, h, w)).astype(np.float32)
+    assert np.abs(dense_crf(img, probs) - pydensecrf_crf(img, probs)).max() <= 1e-5
+
+
 # ---------------------------------------------------------------- the API
 
 def test_numpy_in_numpy_out_tensor_in_tensor_out():
