@@ -195,6 +195,8 @@ def _main(args) -> int:
                                              shuffle=False, num_workers=args.workers, collate_fn=collate_list)
         loader = skip_bad(loader, warn)  # a bad image: one line, and the rest evaluated
         executor = None
+        if args.crf and args.crf_workers > 0 and args.crf_backend != "pydensecrf":
+            warn(f"note: --crf-workers applies to --crf-backend pydensecrf; the lattice CRF runs on {device}")
         if args.crf and args.crf_workers > 0 and args.crf_backend == "pydensecrf":
             from concurrent.futures import ProcessPoolExecutor
 

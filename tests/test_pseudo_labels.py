@@ -128,8 +128,10 @@ def test_evaluate_crf_runs_without_pydensecrf(setup, tmp_path):
     probe = subprocess.run([sys.executable, "-c", "import more_fast.crf as c; print(c.crf_available('pydensecrf'))"],
                            env=env, capture_output=True, text=True, timeout=120)
     assert probe.stdout.strip() == "False", probe.stderr  # the shim works
-    done = subprocess.run(base + ["--json", str(tmp_path / "r.json")], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(base + ["--json", str(tmp_path / "r.json"), "--crf-workers", "2"], env=env,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "note: --crf-workers applies to --crf-backend pydensecrf" in done.stderr  # the lattice: no process pool
     report = json.loads((tmp_path / "r.json").read_text())
     assert {"lam_crf", "decoder_crf"} <= set(report["published"])
     assert "LAM + CRF" in done.stdout
