@@ -1,7 +1,6 @@
 """The fused ops of more_fast, one public function each, dispatched by backend.
 
-Backend per call: the innermost active `use_backend(mode)` context of this thread / task, else
-env `MORE_FAST_KERNELS` (read at each call), else `auto`. Modes:
+Backend per call: the innermost active `use_backend(mode)` block, else `auto`. Modes:
 - `auto` (default): Triton on CUDA tensors, and on CPU tensors when `TRITON_INTERPRET=1`
   (the interpreter); the reference otherwise;
 - `triton`: always the Triton kernels (on the CPU this needs `TRITON_INTERPRET=1`, set before
@@ -9,11 +8,12 @@ env `MORE_FAST_KERNELS` (read at each call), else `auto`. Modes:
 - `reference`: always `kernels.reference`.
 An op whose Triton module is not importable falls back to the reference under `auto` and
 raises under `triton`. Inputs are validated before dispatch, identically for both backends.
+The scripts' `--kernels` flag (default: env `MORE_FAST_KERNELS`, else auto) enters `use_backend`
+once per run; nothing here reads the environment.
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import importlib
 import os
 from typing import Sequence
@@ -53,14 +53,21 @@ def _load_triton_ops() -> dict:
 _TRITON_OPS = _load_triton_ops()
 
 
+# triton reads TRITON_INTERPRET once, when it is imported (above, through the op modules): so do we.
+# A constant also keeps the environment out of every compiled region that dispatches an op.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether the Triton kernels run under the interpreter (TRITON_INTERPRET=1 at import)."""
+    return _INTERPRET
 
 
-# the innermost use_backend mode (None: none active). A ContextVar: each thread and asyncio task
-# sees its own, and torch.compile guards on its value (a graph traced under one mode is not
-# reused under another)
-_ACTIVE = contextvars.ContextVar("more_fast_kernels_backend", default=None)
+# the innermost use_backend mode. A module global, as timm holds `fused_attn`: torch.compile (torch
+# 2.11's dynamo included, which cannot trace ContextVar.get) reads it while tracing and guards on
+# its value, so a graph traced under one mode is not reused under another. One process-wide mode:
+# a block entered in one thread is seen by all of them.
+_MODE = "auto"
 
 
 def _parse_mode(value, name: str) -> str:
@@ -74,21 +81,19 @@ def _parse_mode(value, name: str) -> str:
 def use_backend(mode: str):
     """Run the fused ops with backend `mode` ("auto", "triton" or "reference") inside the block.
 
-    Contexts nest (the innermost wins) and the previous mode comes back when the block exits,
-    by an exception too. Outside every block the env MORE_FAST_KERNELS is the default."""
-    token = _ACTIVE.set(_parse_mode(mode, "use_backend"))
+    Blocks nest (the innermost wins) and the previous mode comes back when the block exits,
+    by an exception too. Outside every block the mode is "auto"."""
+    global _MODE
+    previous, _MODE = _MODE, _parse_mode(mode, "use_backend")
     try:
         yield
     finally:
-        _ACTIVE.reset(token)
+        _MODE = previous
 
 
 def backend_mode() -> str:
-    """The mode in force: the innermost use_backend, else MORE_FAST_KERNELS, else "auto"."""
-    mode = _ACTIVE.get()
-    if mode is not None:
-        return mode
-    return _parse_mode(os.environ.get("MORE_FAST_KERNELS", "auto").strip() or "auto", "MORE_FAST_KERNELS")
+    """The mode in force: the innermost use_backend, else "auto"."""
+    return _MODE
 
 
 def triton_available(op: str) -> bool:
@@ -154,13 +159,17 @@ def class_patch_attention(
 
 
 def par_refine(
-    image: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), num_iter: int = 10
+    image: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), num_iter: int = 10,
+    affinity_storage: str = "fp32",
 ) -> torch.Tensor:
-    """PAR refinement (docs/METHOD.md, PAR pseudo labels): B x 3 x H x W image, B x C x H x W masks -> refined masks."""
-    _checks.check_par_refine(image, masks, dilations, num_iter)
+    """PAR refinement (docs/METHOD.md, PAR pseudo labels): B x 3 x H x W image, B x C x H x W masks -> refined masks.
+
+    affinity_storage: "fp32" (the published refinement) or "bf16" (the neighbour weights rounded
+    to bf16: half their bytes, refined values within (1 +- 2^-8)^num_iter of fp32's)."""
+    _checks.check_par_refine(image, masks, dilations, num_iter, affinity_storage)
     if resolve_backend("par_refine", image.device) == "triton":
-        return _TRITON_OPS["par_refine"](image, masks, list(dilations), num_iter)
-    return reference.par_refine(image, masks, dilations, num_iter)
+        return _TRITON_OPS["par_refine"](image, masks, list(dilations), num_iter, affinity_storage)
+    return reference.par_refine(image, masks, dilations, num_iter, affinity_storage)
 
 
 def dense_energy_loss(

@@ -142,7 +142,10 @@ def non_empty_image(name: str, image: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected at least 1 channel and H, W >= 1, got shape {tuple(image.shape)}")
 
 
-def check_par_refine(image, masks, dilations, num_iter) -> None:
+PAR_AFFINITY_STORAGE = ("fp32", "bf16")
+
+
+def check_par_refine(image, masks, dilations, num_iter, affinity_storage="fp32") -> None:
     tensor("image", image, 4, FLOAT_DTYPES, "B x 3 x H x W")
     tensor("masks", masks, 4, FLOAT_DTYPES, "B x C x H x W")
     non_empty_image("image", image)
@@ -162,6 +165,8 @@ def check_par_refine(image, masks, dilations, num_iter) -> None:
     for d in dilations:
         integer("dilations", d, 1, 2**30)  # kernels hold pixel offsets in int32
     integer("num_iter", num_iter, 0)
+    if affinity_storage not in PAR_AFFINITY_STORAGE:
+        raise ValueError(f"affinity_storage: expected one of {PAR_AFFINITY_STORAGE}, got {affinity_storage!r}")
 
 
 def check_dense_energy_loss(image, probs, gate, sigma_rgb, sigma_xy) -> None:

@@ -27,7 +27,9 @@ Backward (1 launch):
    M_ij = 2 g W_ij sign(S_ij) rn_j, and <x_i, ghat_i> = sum_j M_ij S_ij from the same tiles, so
        dx = rn ghat - [||x|| >= eps] rn^3 x <x, ghat>          (F.normalize's gradient)
    is finished in registers and stored once in the dtype of the tokens. No scratch buffer, no
-   atomics, no GPU-dependent split: the same bits on any GPU. The price is the S tiles being
+   atomics, no SM-count-dependent split: the same bits run to run on one GPU (across GPU models
+   the forward's fp32 D chunk, `_fwd_config`, follows the compute capability, and so may the
+   last bits). The price is the S tiles being
    recomputed once per dx chunk (6 times at D = 768: 14 N^2 D FLOPs per image instead of
    4 N^2 D) instead of an fp32 B x N x D partial buffer read and rewritten once per column tile
    (266 MB of traffic at N = 784, 4.3 GB at N = 3136).
@@ -275,8 +277,8 @@ def _fwd_config(device: torch.device, n: int, d: int, dtype: torch.dtype | None 
 def _bwd_config(device: torch.device, b: int, n: int, d: int, dtype: torch.dtype | None = None,
                 cc: int | None = None, sms: int | None = None) -> dict:
     """Block sizes of the backward (tests override this). The same for every GPU model (dtype,
-    cc and sms are accepted and unused: no SM-count split), so a given input gives the same bits
-    on any GPU. 64 x 32 tiles, 16-wide S chunks, 128-wide dx chunks, 8 warps: the largest that
+    cc and sms are accepted and unused: no SM-count split), so the backward's summation order is
+    the same on any GPU. 64 x 32 tiles, 16-wide S chunks, 128-wide dx chunks, 8 warps: the largest that
     ptxas compiles without spills for sm_80 and sm_90 with triton 3.6 and 3.8 (contiguous
     tokens; 64 x 64 tiles or 256-wide chunks spill). At D = 768 each S tile is recomputed for 6
     dx chunks. A "split" key (the previous column split) is ignored."""

@@ -160,10 +160,11 @@ def _energy_pairs_kernel(
     s_b = s_ptr + b * n_pix * C_TOTAL + c0
     feat_offs = rows[:, None] * K + ks[None, :]
     s_offs = rows[:, None] * C_TOTAL + cs[None, :]
-    f_i = tl.load(f_b + i * BLOCK * K + feat_offs)
+    i_pix = i.to(tl.int64) * BLOCK  # the tile's first pixel: times C_TOTAL, past 2^31 at C > 256
+    f_i = tl.load(f_b + i_pix * K + feat_offs)
     if SYMMETRIC:
-        s_i = tl.load(s_b + i * BLOCK * C_TOTAL + s_offs)
-        g_i = tl.trans(tl.load(g_b + i * BLOCK * K + feat_offs))
+        s_i = tl.load(s_b + i_pix * C_TOTAL + s_offs)
+        g_i = tl.trans(tl.load(g_b + i_pix * K + feat_offs))
         w = tl.exp2(tl.dot(f_i, g_i)).to(tl.float16)
         acc = tl.dot(w, s_i)
         half = n_tiles // 2
@@ -171,12 +172,13 @@ def _energy_pairs_kernel(
         for d in range(1, last + 1):
             j = i + d
             j = tl.where(j >= n_tiles, j - n_tiles, j)
-            g_j = tl.trans(tl.load(g_b + j * BLOCK * K + feat_offs))
-            s_j = tl.load(s_b + j * BLOCK * C_TOTAL + s_offs)
+            j_pix = j.to(tl.int64) * BLOCK
+            g_j = tl.trans(tl.load(g_b + j_pix * K + feat_offs))
+            s_j = tl.load(s_b + j_pix * C_TOTAL + s_offs)
             w = tl.exp2(tl.dot(f_i, g_j)).to(tl.float16)
             acc = tl.dot(w, s_j, acc)
             col = tl.dot(tl.trans(w), s_i)
-            tl.atomic_add(col_ptr + (b * n_pix + j * BLOCK) * C_TOTAL + c0 + s_offs, col, sem="relaxed")
+            tl.atomic_add(col_ptr + (b * n_pix + j_pix) * C_TOTAL + c0 + s_offs, col, sem="relaxed")
     else:
         # every column tile, BLOCK_Q pixels wide (more pairs per loop iteration than BLOCK)
         cols = tl.arange(0, BLOCK_Q)
@@ -188,15 +190,16 @@ def _energy_pairs_kernel(
             sq2_offs = cols[:, None] * C_TOTAL + cs2[None, :]
             acc2 = tl.zeros([BLOCK, BLOCK_C2], dtype=tl.float32)
         for q0 in range(0, n_pix, BLOCK_Q):
-            g_j = tl.trans(tl.load(g_b + q0 * K + g_offs))
-            s_j = tl.load(s_b + q0 * C_TOTAL + sq_offs)
+            q_pix = tl.cast(q0, tl.int64)
+            g_j = tl.trans(tl.load(g_b + q_pix * K + g_offs))
+            s_j = tl.load(s_b + q_pix * C_TOTAL + sq_offs)
             w = tl.exp2(tl.dot(f_i, g_j)).to(tl.float16)
             acc = tl.dot(w, s_j, acc)
             if BLOCK_C2 > 0:
-                acc2 = tl.dot(w, tl.load(s_b + q0 * C_TOTAL + sq2_offs), acc2)
+                acc2 = tl.dot(w, tl.load(s_b + q_pix * C_TOTAL + sq2_offs), acc2)
         if BLOCK_C2 > 0:
-            tl.store(row_ptr + (b * n_pix + i * BLOCK) * C_TOTAL + c0 + rows[:, None] * C_TOTAL + cs2[None, :], acc2)
-    tl.store(row_ptr + (b * n_pix + i * BLOCK) * C_TOTAL + c0 + s_offs, acc)
+            tl.store(row_ptr + (b * n_pix + i_pix) * C_TOTAL + c0 + rows[:, None] * C_TOTAL + cs2[None, :], acc2)
+    tl.store(row_ptr + (b * n_pix + i_pix) * C_TOTAL + c0 + s_offs, acc)
 
 
 @triton.jit

@@ -11,7 +11,7 @@ coordinates are clamped to the image = replicate padding):
     A_j(p)   = softmax_j(a(p))_j + 0.01 * softmax_j(-(dist_j / (std(dist) + 1e-8) / 0.3)^2)
     m_c(p)  <- sum_j A_j(p) * m_c(n_j(p))                              num_iter times
 
-The affinity A (B x J x H x W, bf16 by default, fp32 on request: `affinity_dtype`) is computed
+The affinity A (B x J x H x W, fp32 by default, bf16 with affinity_storage="bf16") is computed
 ONCE per image, in fp32, and shared by every mask channel (the two background-threshold mask sets
 are concatenated along C by the caller). Each iteration is one launch over (channel block fastest,
 pixel tile; image) that reads the previous masks and A and writes the other of two fp32 ping-pong
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Sequence
 
 import torch
@@ -165,7 +164,7 @@ def _par_step_kernel(
             d = tl.where(di == i, DILS[i], d)
         nrow = tl.minimum(tl.maximum(row + (q // 3 - 1) * d, 0), H - 1)
         ncol = tl.minimum(tl.maximum(col + (q % 3 - 1) * d, 0), W - 1)
-        a = tl.load(aff + j * hw, mask=mask_p, other=0.0).to(tl.float32)
+        a = tl.load(aff + j * tl.cast(hw, tl.int64), mask=mask_p, other=0.0).to(tl.float32)  # J hw can pass 2^31
         off = nrow.to(tl.int64) * s_h + ncol.to(tl.int64) * s_w
         m = tl.load(src + off[None, :], mask=mask2, other=0.0)
         acc += a[None, :] * m.to(tl.float32)
@@ -179,24 +178,12 @@ def _par_step_kernel(
 _AFF_BLOCK_P = 32
 _STEP_BLOCK_P = 128
 _AFFINITY_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-_DEFAULT_AFFINITY = "bf16"
-AFFINITY_ENV = "MORE_FAST_PAR_AFFINITY"
-
-
-def affinity_dtype() -> torch.dtype:
-    """Storage dtype of the affinity between the two kernels: bf16 unless MORE_FAST_PAR_AFFINITY=fp32.
-
-    bf16 halves the bytes the J-neighbour weights cost per iteration. Each stored weight is the
-    fp32 value times (1 + d), |d| <= 2^-8, and weights and masks are >= 0, so after n iterations
-    every refined value lies within [(1 - 2^-8)^n, (1 + 2^-8)^n] times its exact value (up to
-    fp32 summation): about +-4% at the default n = 10, harmless to the argmax that consumes it.
-    "fp32" keeps the weights at fp32 accuracy (the kernels then agree with the reference to fp32
-    rounding).
-    """
-    name = os.environ.get(AFFINITY_ENV, _DEFAULT_AFFINITY).strip().lower() or _DEFAULT_AFFINITY
-    if name not in _AFFINITY_DTYPES:
-        raise ValueError(f"{AFFINITY_ENV}: expected one of {sorted(_AFFINITY_DTYPES)}, got {name!r}")
-    return _AFFINITY_DTYPES[name]
+# What `aot_configs` compiles: the training step's storage (TrainConfig.par_affinity), fp32 by default.
+# bf16 halves the bytes the J-neighbour weights cost per iteration. Each stored weight is then the
+# fp32 value times (1 + d), |d| <= 2^-8, and weights and masks are >= 0, so after n iterations every
+# refined value lies within [(1 - 2^-8)^n, (1 + 2^-8)^n] times its fp32 value (up to fp32
+# summation): about +-4% at the default n = 10, 3.9e-3 relative on VOC-like maps.
+_DEFAULT_AFFINITY = "fp32"
 
 
 def _offsets(dilations: Sequence[int]) -> list[tuple[int, int]]:
@@ -281,7 +268,8 @@ def _step_config(c: int) -> tuple[int, int, int]:
     return best[1], _STEP_BLOCK_P, 4
 
 
-def _par_refine_launch(image: torch.Tensor, masks: torch.Tensor, dilations: list[int], num_iter: int) -> torch.Tensor:
+def _par_refine_launch(image: torch.Tensor, masks: torch.Tensor, dilations: list[int], num_iter: int,
+                       affinity_storage: str) -> torch.Tensor:
     _check_int32_span("image", image)
     b, c, h, w = masks.shape
     if num_iter == 0:
@@ -289,7 +277,7 @@ def _par_refine_launch(image: torch.Tensor, masks: torch.Tensor, dilations: list
         out.copy_(masks)
         return out
     dil = tuple(int(d) for d in dilations)
-    aff = par_affinity_triton(image, dil, affinity_dtype())
+    aff = par_affinity_triton(image, dil, _AFFINITY_DTYPES[affinity_storage])
     bufs = [torch.empty((b, c, h, w), dtype=torch.float32, device=masks.device)]
     if num_iter > 1:
         bufs.append(torch.empty_like(bufs[0]))
@@ -316,12 +304,13 @@ def _par_refine_launch(image: torch.Tensor, masks: torch.Tensor, dilations: list
 # torch.library registration (forward only: PAR carries no gradient)
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("more_fast::par_refine", mutates_args=())
-def _par_refine_op(image: torch.Tensor, masks: torch.Tensor, dilations: list[int], num_iter: int) -> torch.Tensor:
-    return _par_refine_launch(image, masks, dilations, num_iter)
+def _par_refine_op(image: torch.Tensor, masks: torch.Tensor, dilations: list[int], num_iter: int,
+                   affinity_storage: str) -> torch.Tensor:
+    return _par_refine_launch(image, masks, dilations, num_iter, affinity_storage)
 
 
 @_par_refine_op.register_fake
-def _(image, masks, dilations, num_iter):
+def _(image, masks, dilations, num_iter, affinity_storage):
     return masks.new_empty(masks.shape, dtype=torch.float32)
 
 
@@ -329,7 +318,8 @@ def _(image, masks, dilations, num_iter):
 # Public function
 # --------------------------------------------------------------------------------------------
 def par_refine(
-    image: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), num_iter: int = 10
+    image: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), num_iter: int = 10,
+    affinity_storage: str = "fp32",
 ) -> torch.Tensor:
     """Refined masks, B x C x H x W fp32 (inputs already validated by kernels._checks).
 
@@ -337,7 +327,7 @@ def par_refine(
     Concatenate several mask sets of the same images along C to refine them in one call; the
     affinity is computed once per image and shared by all channels.
     """
-    return _par_refine_op(image.detach(), masks.detach(), [int(d) for d in dilations], int(num_iter))
+    return _par_refine_op(image.detach(), masks.detach(), [int(d) for d in dilations], int(num_iter), affinity_storage)
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,7 +337,7 @@ def aot_configs(case, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24)) -> list:
     """The kernels `par_refine` launches for `case` (a kernels._launch.AotCase): the fp32 image at
     case.H x case.W and 2 (K + 1) mask channels (the two background-threshold sets the caller
     concatenates), contiguous, the default dilations, the affinity in its default storage dtype
-    (bf16)."""
+    (fp32)."""
     from ._launch import DEFAULT_STAGES, aot_kernel
 
     b, h, w = case.B, case.H, case.W

@@ -189,15 +189,20 @@ def par_affinity(image: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
 
 
 def par_refine(
-    image: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), num_iter: int = 10
+    image: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), num_iter: int = 10,
+    affinity_storage: str = "fp32",
 ) -> torch.Tensor:
     """num_iter rounds of mask <- sum_j affinity_j * mask at neighbour j (docs/METHOD.md, PAR pseudo labels). B x C x H x W.
 
     Channels are refined independently, so several mask sets for the same image (the two
     background thresholds) can be concatenated along C and refined in one call.
+    affinity_storage "bf16": the weights rounded to bf16 (nearest even) before the iterations, as
+    the Triton path stores them to halve their bytes; "fp32": the published refinement.
     """
-    _checks.check_par_refine(image, masks, dilations, num_iter)
+    _checks.check_par_refine(image, masks, dilations, num_iter, affinity_storage)
     aff = par_affinity(image, dilations)  # B x J x H x W
+    if affinity_storage == "bf16":
+        aff = aff.to(torch.bfloat16).to(aff.dtype)
     height, width = masks.shape[-2:]
     m = masks.to(_compute_dtype(image))
     for _ in range(num_iter):

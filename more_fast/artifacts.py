@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-IGNORE = 255
+from .data.palette import IGNORE_INDEX as IGNORE
+
 MAPS = ("attention", "lam", "uniform")
 
 

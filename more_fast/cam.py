@@ -8,11 +8,8 @@ import torch.nn.functional as F
 
 import kernels
 
+from .data.palette import IGNORE_INDEX as IGNORE
 from .model.network import MoReNet
-
-IGNORE = 255
-VOC_SCALES = (1.0, 0.5, 0.75, 1.5)
-PAR_DILATIONS = (1, 2, 4, 8, 12, 24)
 
 
 def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -32,7 +29,7 @@ def lam_from_tokens(patch_tokens: torch.Tensor, class_tokens: torch.Tensor, grid
 
 
 @torch.no_grad()
-def multiscale_maps(model: MoReNet, images: torch.Tensor, scales: Sequence[float] = VOC_SCALES,
+def multiscale_maps(model: MoReNet, images: torch.Tensor, scales: Sequence[float],
                     reuse: Optional[tuple[torch.Tensor, ...]] = None, with_lam: bool = False,
                     backbone=None) -> dict[str, torch.Tensor]:
     """Multi-scale + flip CAM and aux CAM (docs/METHOD.md, Multi-scale CAM), and optionally the LAM, at the input size.
@@ -92,11 +89,11 @@ def resize_to_grid(cam: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 def par_pseudo_labels(image: torch.Tensor, cam: torch.Tensor, cls_labels: torch.Tensor,
-                      hi: float = 0.7, lo: float = 0.25, dilations: Sequence[int] = PAR_DILATIONS,
-                      num_iter: int = 10) -> torch.Tensor:
+                      hi: float, lo: float, affinity_storage: str) -> torch.Tensor:
     """PAR-refined pseudo labels for L_seg (docs/METHOD.md, PAR pseudo labels), batched.
 
-    image B x 3 x H x W (0..255), cam B x K x H x W in [0, 1], cls_labels B x K.
+    image B x 3 x H x W (0..255), cam B x K x H x W in [0, 1], cls_labels B x K; hi, lo the two
+    background scores; affinity_storage the PAR op's ("fp32" | "bf16").
     At half resolution: [background = hi | CAM of the present classes] softmaxed over the present
     channels (absent ones get 0), the same with background = lo; both sets are refined in one
     PAR call (concatenated along channels, sharing the image affinity); upsampled, argmax.
@@ -113,7 +110,8 @@ def par_pseudo_labels(image: torch.Tensor, cam: torch.Tensor, cls_labels: torch.
     for bkg in (hi, lo):
         x = torch.cat([torch.full_like(small_cam[:, :1], bkg), small_cam], dim=1)  # B x (K+1) x h x w
         sets.append(x.masked_fill(absent, float("-inf")).softmax(dim=1))
-    refined = kernels.par_refine(small_image, torch.cat(sets, dim=1), list(dilations), num_iter)
+    # the published dilations and iterations: the op's defaults
+    refined = kernels.par_refine(small_image, torch.cat(sets, dim=1), affinity_storage=affinity_storage)
     refined = _resize(refined.float(), (height, width)).reshape(b, 2, k + 1, height, width)
     refined = refined.masked_fill(absent[:, None], -1.0)
     label_hi, label_lo = refined.argmax(dim=2).unbind(1)  # B x H x W each

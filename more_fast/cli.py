@@ -82,6 +82,16 @@ def device_name(text: str) -> str:
 
 
 KERNEL_CHOICES = ("auto", "triton", "reference")
+KERNELS_ENV = "MORE_FAST_KERNELS"  # the default of --kernels where it is set; nothing else reads it
+
+
+def kernel_mode(text: str) -> str:
+    mode = text.strip().lower()
+    if mode not in KERNEL_CHOICES:
+        raise argparse.ArgumentTypeError(
+            f"expected one of {', '.join(KERNEL_CHOICES)}, got {text!r}"
+            + (f" (the default comes from {KERNELS_ENV}={os.environ[KERNELS_ENV]!r})" if KERNELS_ENV in os.environ else ""))
+    return mode
 
 
 def common_parser(crop_help: str) -> argparse.ArgumentParser:
@@ -90,8 +100,10 @@ def common_parser(crop_help: str) -> argparse.ArgumentParser:
     p.add_argument("--device", type=device_name, default="auto",
                    help="auto, cpu, cuda or cuda:N (auto and cuda: cuda:LOCAL_RANK under torchrun; "
                         "auto: the CPU where there is no GPU; default: auto)")
-    p.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
-                   help="fused-op backend (auto: triton where it runs, else the PyTorch reference; default: auto)")
+    p.add_argument("--kernels", type=kernel_mode, metavar="{" + ",".join(KERNEL_CHOICES) + "}",
+                   default=os.environ.get(KERNELS_ENV, "auto"),  # a str default goes through `type` too
+                   help=f"fused-op backend (auto: triton where it runs, else the PyTorch reference; "
+                        f"default: env {KERNELS_ENV}, else auto)")
     p.add_argument("--crop-size", type=crop_size, metavar="N", help=f"network input size, a multiple of the "
                    f"backbone's patch size ({crop_help})")
     return p
@@ -215,6 +227,7 @@ _FIELD_CHECKS = {
     "gcr_score": _in("published", "dot"),
     "attn_impl": _in("sdpa", "explicit"),
     "kernels": _in("auto", "triton", "reference"),
+    "par_affinity": _in("fp32", "bf16"),
     "on_nonfinite": _in("stop", "skip"),
 }
 _TRUE, _FALSE = ("on", "true", "yes", "1"), ("off", "false", "no", "0")
@@ -310,6 +323,14 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
         values.pop("pretrained", None)
     if (args.pretrained or "").lower() == "none":  # from scratch, also under a recipe that names weights
         values.pop("pretrained", None)
+    recipe_weights = values.get("pretrained") if args.pretrained is None else None
+    if recipe_weights and recipe_weights.startswith("timm:"):  # the recipe's tag names an architecture
+        arch = recipe_weights.removeprefix("timm:").split(".")[0]
+        backbone = values.get("backbone", TrainConfig.backbone)
+        if backbone != arch:
+            parser.error(f"--backbone: the {args.data} recipe's weights ({recipe_weights}) are for {arch}, not "
+                         f"{backbone}: pass --pretrained FILE or timm:TAG with weights of {backbone}, or "
+                         f"--pretrained none to train it from scratch")
     if values.get("pretrained"):  # a missing file, an unknown tag or no network: stop before any work
         from .model.pretrained import check_pretrained
 

@@ -1,12 +1,18 @@
 """The MoRe losses (docs/METHOD.md, Losses). The pairwise and contrast losses go through the fused ops in `kernels`."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Optional
+
 import torch
 import torch.nn.functional as F
 
 import kernels
 
-IGNORE = 255
+from .data.palette import IGNORE_INDEX as IGNORE
+
+if TYPE_CHECKING:
+    from .model.network import MoReOutput
+
 
 # The published L_reg filters with the rloss permutohedral lattice (a CPU extension), whose output
 # is 0.57-0.60 of the exact Gaussian sum on images at the recipe's sigmas (sigma_rgb 15, sigma_xy
@@ -112,15 +118,43 @@ def seg_loss(seg_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return 0.5 * (bg_loss + fg_loss)
 
 
-def reg_loss(image: torch.Tensor, seg_logits: torch.Tensor, labels: torch.Tensor, sigma_rgb: float = 15.0,
-             sigma_xy: float = 100.0, scale: float = 0.5, weight: float = 1e-7,
-             gain: float = LATTICE_GAIN) -> torch.Tensor:
-    """L_reg = 1e-7 * LATTICE_GAIN * E (dense CRF energy, exact Gaussian; the gain gives it the
+def reg_loss(image: torch.Tensor, seg_logits: torch.Tensor, labels: torch.Tensor, scale: float, sigma_rgb: float,
+             sigma_xy: float, weight: float = 1e-7, gain: float = LATTICE_GAIN) -> torch.Tensor:
+    """L_reg = weight * LATTICE_GAIN * E (dense CRF energy, exact Gaussian; the gain gives it the
     published lattice's effective weight): image B x 3 x H x W in 0..255, seg_logits
-    B x (K+1) x H x W at the crop resolution, labels B x H x W pseudo labels (255 = uncertain)."""
+    B x (K+1) x H x W at the crop resolution, labels B x H x W pseudo labels (255 = uncertain).
+    E is taken at `scale` of the crop, sigma_xy in pixels of the full crop (the op gets scale * it)."""
     h, w = int(image.shape[-2] * scale), int(image.shape[-1] * scale)
     img = F.interpolate(image.float(), size=(h, w), mode="nearest")
     probs = F.interpolate(seg_logits.float().softmax(1), size=(h, w), mode="bilinear", align_corners=False)
     lab = F.interpolate(labels[:, None].float(), size=(h, w), mode="nearest")[:, 0]
     gate = torch.where(lab == IGNORE, torch.ones_like(lab), (1 - probs.detach().amax(1)).clamp_min(0))
     return weight * gain * kernels.dense_energy_loss(img, probs, gate, sigma_rgb, sigma_xy * scale)
+
+
+def compute_losses(out: "MoReOutput", cls_labels: torch.Tensor, ptc_labels: torch.Tensor,
+                   cre_labels: torch.Tensor, ure_index: torch.Tensor, ure_valid: torch.Tensor,
+                   seg_labels: Optional[torch.Tensor], image: torch.Tensor, weights: dict[str, float],
+                   cre_temperature: float, reg_scale: float, reg_sigma_rgb: float,
+                   reg_sigma_xy: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The weighted total of the active terms (`weights`, training.loop.loss_weights) and each term.
+    Labels on the grid are B x N (seg: B x H x W); the floats are the recipe's (TrainConfig)."""
+    terms = {
+        "cls": cls_loss(out.logits, cls_labels),
+        "aux": cls_loss(out.aux_logits, cls_labels),
+        "mct": mct_loss(out.class_tokens),
+    }
+    if "ptc" in weights:
+        terms["ptc"] = ptc_loss(out.patch_tokens, ptc_labels)
+    if "cre" in weights:
+        terms["cre"] = cre_loss(out.class_tokens, out.patch_tokens, cre_labels, cls_labels, cre_temperature)
+    if "ure" in weights:
+        terms["ure"] = ure_loss(out.patch_tokens, out.class_tokens, ure_index, ure_valid, cls_labels)
+    if "seg" in weights or "reg" in weights:
+        seg = F.interpolate(out.seg.float(), size=image.shape[-2:], mode="bilinear", align_corners=False)
+        if "seg" in weights:
+            terms["seg"] = seg_loss(seg, seg_labels)
+        if "reg" in weights:
+            terms["reg"] = reg_loss(image, seg, seg_labels, reg_scale, reg_sigma_rgb, reg_sigma_xy)
+    total = sum(weights[name] * value.float() for name, value in terms.items())
+    return total, terms

@@ -38,11 +38,11 @@ from .data import normalize
 from .data.labels import read_mask
 from .model.heads import tokens_to_map
 from .training.evaluate import confusion, miou
+from .data.palette import IGNORE_INDEX as IGNORE
 
 PUBLISHED_CAM_SCALES = (1.0, 0.5, 0.75, 1.25, 1.5, 1.75, 2.0)
 PUBLISHED_SEG_SCALES = (1.0, 1.25, 1.5)
 PUBLISHED_BKG = 0.5
-IGNORE = 255
 MAP_NAMES = ("cam", "aux_cam", "lam", "decoder")
 
 

@@ -6,7 +6,8 @@
 The output holds {"model": state dict, "model_config": MoReNet args}; load it with
 `more_fast.load_model(path)`, `scripts/evaluate.py --checkpoint` or `scripts/infer.py --checkpoint`.
 K, R, the width, the depth and the pretrained grid are read from the tensors; the timm backbone
-follows from (width, depth). Unused published tensors (graph_layer._fc1.*, encoder.head.*) are
+follows from (width, depth) for a plain ViT, or is named with --backbone (DINOv2, DeiT-III, EVA-02,
+BEiT, CLIP, SigLIP: the heads are stored in no tensor). Unused published tensors (graph_layer._fc1.*, encoder.head.*) are
 dropped and listed; any other unknown tensor is an error unless --ignore-unknown.
 """
 import argparse
@@ -20,11 +21,14 @@ def main(argv=None) -> int:
     p.add_argument("--from-more", required=True, metavar="SRC",
                    help="published MoRe checkpoint (.pth; a top-level 'model'/'state_dict' and 'module.' are handled)")
     p.add_argument("--out", required=True, metavar="DST", help="output file (written atomically)")
+    p.add_argument("--backbone", metavar="NAME",
+                   help="timm name of the encoder (default: the file's model_config, else the plain ViT of "
+                        "the checkpoint's width and depth)")
     p.add_argument("--ignore-unknown", action="store_true",
                    help="drop (and list) tensors that MoReNet has no place for instead of failing (default: off)")
     args = p.parse_args(argv)
     try:
-        report = convert_file(args.from_more, args.out, ignore_unknown=args.ignore_unknown)
+        report = convert_file(args.from_more, args.out, ignore_unknown=args.ignore_unknown, backbone=args.backbone)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {args.from_more}: {err}", file=sys.stderr)
         return 2

@@ -1,49 +1,68 @@
 #!/usr/bin/env bash
-# Everything a lent GPU should run, in one command that fits a 10-minute call on a bare machine:
+# What a lent GPU runs, planned for a 15-minute GPU loan (machine start and every retry included):
+# two calls of at most ~9 minutes each, the first one alone already worth having.
 #
-#   bash scripts/gpu_check.sh          # results under $OUT when set, else ./gpu_check_out
+#   bash scripts/gpu_check.sh          # call 1: GPU, versions, CUDA kernel tests, -m gpu tests, the
+#                                      #         bench table and a compiled bf16 training run
+#   bash scripts/gpu_check.sh rest     # call 2: the rest of the suite on CUDA, then compute-sanitizer
+#                                      #         racecheck / memcheck of the kernel tests
 #
-# Stages (each time-boxed with `timeout`; the whole run under GPU_CHECK_BUDGET seconds, 570 by
-# default, about 9.5 minutes):
-#   1. install    pip install -e . --no-deps --no-build-isolation (quietly)
+# Results under $OUT when set, else ./gpu_check_out.
+#
+# Stages of call 1 (each time-boxed with `timeout`; the whole run under GPU_CHECK_BUDGET seconds,
+# 540 by default, 9 minutes):
+#   1. install    pip install -e . --no-deps --no-build-isolation (quietly; the GPU machine has no
+#                 registry and its own torch 2.11 / triton 3.6)
 #   2. versions   python, torch, triton, timm, pytest-benchmark, CUDA, the GPU (and nvidia-smi)
-#   3. tests      the whole `pytest` (TRITON_INTERPRET=0: the kernel tests run the compiled kernels on
-#                 CUDA tensors, the `gpu`-marked production-shape cases included), with the 25
-#                 slowest tests listed in its log
+#   3. kernels    pytest tests/test_kernel_*.py (TRITON_INTERPRET=0: the compiled kernels on CUDA
+#                 tensors, the `gpu`-marked production-shape cases included), then every other
+#                 `gpu`-marked test (pytest tests -m gpu)
 #   4. bench      pytest on every bench/ file with --benchmark-json, one pytest run per file so
 #                 that a file that fails or runs out of time loses only its own rows: the training
 #                 step first, then the whole-ViT benchmark, then the per-op files
 #   5. train      python scripts/train.py --amp --compile --iters 30 --log-every 10 --eval-every 30
 #                 (the default synthetic data set, generated into data_cache/ on first use)
 #   6. report     scripts/bench_report.py: the markdown table of docs/PERF.md, printed last
+# Stages of call 2 (`rest`): install, versions, then
+#   3. suite      pytest tests, less the kernel files and the gpu-marked tests call 1 ran
+#   4. sanitizer  compute-sanitizer --tool racecheck, then --tool memcheck, over a small slice of
+#                 each kernel test file (the first cases of each: a sanitizer run is 10-100x slower)
 #
 # Results (few files, as the device tool brings back at most 8 from $OUT):
-#   bench.md        the table (header: GPU, driver, clocks, versions, date, command)
-#   bench.json      every bench file's pytest-benchmark JSON, merged
+#   bench.md        the table (header: GPU, driver, clocks, versions, date, command); call 1
+#   bench.json      every bench file's pytest-benchmark JSON, merged; call 1
 #   gpu_check.log   the console output (stage results, versions, summary)
 #   logs.tar.gz     everything else: each stage's full log, junit XML, per-file JSON, the training
 #                   run's config / metrics / results (no checkpoints)
 # The console gets a line per stage (and the log's tail when a stage fails), the summary, then the
 # table. Exit status: 0 when every stage passed, 1 otherwise (after the table), 2 without CUDA.
 #
-# Knobs: GPU_CHECK_BUDGET (seconds, 570); GPU_CHECK_SKIP (stages to skip, space separated:
-# install tests bench train); GPU_CHECK_BENCH (bench files to run, space separated, default
-# all: e.g. a second call for the files a first one had no time for); GPU_CHECK_TRAIN_ITERS (30);
-# PYTHON (python3); GPU_CHECK_ALLOW_CPU=1 runs without a GPU (to test this script; CPU numbers
-# mean little).
+# Knobs: GPU_CHECK_BUDGET (seconds, 540); GPU_CHECK_SKIP (stages to skip, space separated:
+# install kernels bench train suite sanitizer); GPU_CHECK_BENCH (bench files to run, space
+# separated, default all); GPU_CHECK_TRAIN_ITERS (30); PYTHON (python3); GPU_CHECK_ALLOW_CPU=1 runs
+# without a GPU (to test this script; CPU numbers mean little).
 set -u
 
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET:-570}
+PART=${1:-first}
+if [[ $PART != first && $PART != rest ]]; then
+    echo "usage: bash scripts/gpu_check.sh [first|rest]" >&2
+    exit 2
+fi
+BUDGET=${GPU_CHECK_BUDGET:-540}
 START=$(date +%s)
 TRAIN_ITERS=${GPU_CHECK_TRAIN_ITERS:-30}
 REPORT_RESERVE=25   # seconds kept for the report at the end
 TRAIN_CAP=150       # the compiled training run (compile + 30 iterations + one evaluation)
 TRAIN_MIN=90        # what the benchmarks leave for it
-BENCH_MIN=200       # what the tests leave for the benchmarks
-TESTS_CAP=240       # the whole pytest (about 225 s remain for it after install and versions)
+BENCH_MIN=150       # what the tests leave for the benchmarks
+KERNELS_CAP=170     # the kernel test files (first Triton compiles: most of it)
+GPU_CAP=60          # the other gpu-marked tests
+GPU_MIN=30          # what the kernel tests leave for them
+SUITE_CAP=330       # call 2: the rest of the suite
+SANITIZER_CAP=80    # call 2: each compute-sanitizer tool
 
 TEMP_WORK=0
 if [[ -n "${OUT:-}" ]]; then
@@ -153,20 +172,55 @@ if [[ -n $STOP ]]; then
     exit 2
 fi
 
-# 3. the whole test suite ------------------------------------------------------------------
+# 3. tests ----------------------------------------------------------------------------------
 # tests/conftest.py leaves the Triton interpreter off when CUDA is present; TRITON_INTERPRET=0
 # makes sure an inherited setting does not turn it on.
-if skipped tests; then
-    STATUS+=("tests: skipped (GPU_CHECK_SKIP)")
+KERNEL_FILES=(tests/test_kernel_*.py)
+PYTEST=("$PY" -m pytest -q -rfE -p no:cacheprovider --durations=15)
+summary_line() { [[ -f "$WORK/$1.log" ]] && grep -E "passed|failed|error|no tests ran" "$WORK/$1.log" | tail -n 1 | indent; }
+if [[ $PART == first ]]; then
+    if skipped kernels; then
+        STATUS+=("kernels: skipped (GPU_CHECK_SKIP)")
+    else
+        TRITON_INTERPRET=0 run_stage kernels "$KERNELS_CAP" $((GPU_MIN + BENCH_MIN + TRAIN_MIN + REPORT_RESERVE)) \
+            "${PYTEST[@]}" "${KERNEL_FILES[@]}" --junitxml "$WORK/kernels.xml"
+        summary_line kernels
+        TRITON_INTERPRET=0 run_stage gpu-marked "$GPU_CAP" $((BENCH_MIN + TRAIN_MIN + REPORT_RESERVE)) \
+            "${PYTEST[@]}" tests -m gpu $(printf -- '--ignore=%s ' "${KERNEL_FILES[@]}") --junitxml "$WORK/gpu.xml"
+        summary_line gpu-marked
+    fi
 else
-    TRITON_INTERPRET=0 run_stage tests "$TESTS_CAP" $((BENCH_MIN + TRAIN_MIN + REPORT_RESERVE)) \
-        "$PY" -m pytest tests -q -rfE -p no:cacheprovider --durations=25 --junitxml "$WORK/tests.xml"
-    [[ -f "$WORK/tests.log" ]] && grep -E "passed|failed|error|no tests ran" "$WORK/tests.log" | tail -n 1 | indent
+    if skipped suite; then
+        STATUS+=("suite: skipped (GPU_CHECK_SKIP)")
+    else
+        TRITON_INTERPRET=0 run_stage suite "$SUITE_CAP" $((2 * SANITIZER_CAP + REPORT_RESERVE)) \
+            "${PYTEST[@]}" tests -m "not gpu" $(printf -- '--ignore=%s ' "${KERNEL_FILES[@]}") \
+            --junitxml "$WORK/suite.xml"
+        summary_line suite
+    fi
+    if skipped sanitizer; then
+        STATUS+=("sanitizer: skipped (GPU_CHECK_SKIP)")
+    elif ! command -v compute-sanitizer >/dev/null; then
+        STATUS+=("sanitizer: FAILED, compute-sanitizer is not on PATH")
+        FAILED=1
+    else
+        # the first 3 cases of each kernel file (ids collected on the host, no sanitizer): a
+        # sanitized launch is 10-100x slower
+        mapfile -t SLICE < <(TRITON_INTERPRET=0 "$PY" -m pytest --co -q -p no:cacheprovider -m "not gpu" \
+            "${KERNEL_FILES[@]}" 2>/dev/null | grep '::' | awk -F'::' '{ if (++n[$1] <= 3) print }')
+        for tool in racecheck memcheck; do
+            TRITON_INTERPRET=0 run_stage "sanitizer-$tool" "$SANITIZER_CAP" "$REPORT_RESERVE" \
+                compute-sanitizer --tool "$tool" --error-exitcode 9 "${PYTEST[@]}" "${SLICE[@]}"
+            summary_line "sanitizer-$tool"
+        done
+    fi
 fi
 
 # 4. benchmarks, one pytest run per file ---------------------------------------------------
 BENCH_FILES=()
-if skipped bench; then
+if [[ $PART == rest ]]; then
+    :  # call 1 ran them
+elif skipped bench; then
     STATUS+=("bench: skipped (GPU_CHECK_SKIP)")
 elif [[ -n "${GPU_CHECK_BENCH:-}" ]]; then
     read -r -a BENCH_FILES <<<"$GPU_CHECK_BENCH"
@@ -190,7 +244,9 @@ for f in "${BENCH_FILES[@]+"${BENCH_FILES[@]}"}"; do
 done
 
 # 5. a short compiled bf16 training run ----------------------------------------------------
-if skipped train; then
+if [[ $PART == rest ]]; then
+    :
+elif skipped train; then
     STATUS+=("train: skipped (GPU_CHECK_SKIP)")
 else
     run_stage train "$TRAIN_CAP" "$REPORT_RESERVE" "$PY" scripts/train.py --amp --compile --iters "$TRAIN_ITERS" \
@@ -207,7 +263,9 @@ for f in "${BENCH_FILES[@]+"${BENCH_FILES[@]}"}"; do
     [[ -f "$WORK/bench/$name.xml" ]] && XMLS+=("$WORK/bench/$name.xml")
 done
 rm -f "$RESULTS/bench.md" "$RESULTS/bench.json"
-if (( ${#JSONS[@]} == 0 )); then
+if [[ $PART == rest ]]; then
+    echo "call 2 (rest): no benchmarks" >"$RESULTS/bench.md"
+elif (( ${#JSONS[@]} == 0 )); then
     if ! skipped bench; then
         STATUS+=("report: FAILED, no benchmark JSON was written")
         FAILED=1

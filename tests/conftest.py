@@ -18,6 +18,29 @@ if not torch.cuda.is_available():  # on a GPU the tests run the compiled kernels
 
 import pytest  # noqa: E402
 
+
+def _interpreter_problem():
+    """Why the Triton interpreter of this stack cannot run the kernels, or None."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return None
+    version = lambda text: tuple(int(p) for p in text.split("+")[0].split(".")[:2])  # noqa: E731
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        return (f"triton {triton.__version__}'s interpreter cannot run a loop over a runtime bound with numpy "
+                f"{numpy.__version__} (it calls int() on a 1-element array, which numpy 2.4 refuses): install "
+                f"numpy<2.4 beside triton < 3.7, as .ci/floor.txt pins it")
+    return None
+
+
+def pytest_configure(config):
+    problem = _interpreter_problem()
+    if problem:
+        raise pytest.UsageError(problem)
+
 from helpers import DEVICE  # noqa: E402
 
 

@@ -89,3 +89,11 @@ def to_device_like(t: torch.Tensor) -> torch.Tensor:
     not overlap itself, e.g. no expanded dims)."""
     out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=DEVICE)
     return out.copy_(t)
+
+
+def force_backend(monkeypatch, mode: str) -> None:
+    """The fused-op backend for the rest of one test, as `kernels.use_backend(mode)` would set it
+    (monkeypatch restores it at teardown)."""
+    import kernels
+
+    monkeypatch.setattr(kernels, "_MODE", kernels._parse_mode(mode, "mode"))

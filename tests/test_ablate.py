@@ -12,7 +12,8 @@ import torch
 from more_fast.cli import config_from_args
 from more_fast.model import MoReNet
 from more_fast.training import TrainConfig, loss_weights
-from more_fast.training.loop import compute_losses, differs_from_recipe
+from more_fast.losses import compute_losses
+from more_fast.training.loop import differs_from_recipe
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -127,8 +128,8 @@ def test_lir_switch_drops_the_terms():
     cls = torch.tensor([[1.0, 0, 1], [0, 1, 0]])
     args = (out, cls, labels, labels, torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.bool),
             None, torch.zeros(2, 3, 32, 32))
-    total_off, terms_off = compute_losses(*args, loss_weights(off, 0), 0.5)
-    total_on, terms_on = compute_losses(*args, loss_weights(on, 0), 0.5)
+    total_off, terms_off = compute_losses(*args, loss_weights(off, 0), 0.5, 0.5, 15.0, 100.0)
+    total_on, terms_on = compute_losses(*args, loss_weights(on, 0), 0.5, 0.5, 15.0, 100.0)
     assert set(terms_off) == {"cls", "aux", "mct", "ptc"} and {"cre", "ure"} <= set(terms_on)
     torch.testing.assert_close(total_on - total_off, 0.2 * terms_on["cre"] + 0.1 * terms_on["ure"])
 

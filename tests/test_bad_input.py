@@ -1,6 +1,6 @@
 """Bad input is rejected early, with a message that names the culprit.
 
-Kernels: every public op, on both backends (MORE_FAST_KERNELS = reference and triton), raises
+Kernels: every public op, on both backends (kernels.use_backend: reference and triton), raises
 ValueError or TypeError whose message starts with the argument's name (`name: expected ...`,
 the fused-op contract (README, Fused ops and backends)) for wrong ranks and shapes, mismatched batches, wrong dtypes, labels that
 are not integers, bad scalars (temperature, k, reduce, num_prefix, num_cls, dilations, num_iter,
@@ -45,9 +45,9 @@ def on_device():
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch, on_device):
-    monkeypatch.setenv("MORE_FAST_KERNELS", request.param)
-    return request.param
+def backend(request, on_device):
+    with kernels.use_backend(request.param):
+        yield request.param
 
 
 def lab(*shape, dtype=torch.long):
@@ -224,9 +224,9 @@ def _outcome(call):
 def test_empty_shapes_agree_across_backends(call, monkeypatch, on_device):
     outcomes = {}
     for name in BACKENDS:
-        monkeypatch.setenv("MORE_FAST_KERNELS", name)
         torch.manual_seed(0)
-        outcomes[name] = _outcome(call)
+        with kernels.use_backend(name):
+            outcomes[name] = _outcome(call)
     (kind_r, ref), (kind_t, fused) = outcomes["reference"], outcomes["triton"]
     assert kind_r == kind_t, outcomes
     if kind_r == "value":
@@ -234,10 +234,14 @@ def test_empty_shapes_agree_across_backends(call, monkeypatch, on_device):
         assert torch.equal(fused.isnan(), ref.isnan()) and torch.allclose(fused, ref, equal_nan=True), outcomes
 
 
-def test_env_switch_with_a_bad_value_names_the_variable(monkeypatch):
+def test_the_ops_do_not_read_the_environment(monkeypatch, triton_affinity_raises, on_device):
+    """MORE_FAST_KERNELS is the default of the scripts' --kernels flag only (test_scripts.py)."""
     monkeypatch.setenv("MORE_FAST_KERNELS", "cuda")
-    with pytest.raises(ValueError, match="^MORE_FAST_KERNELS:"):
-        _gcr()
+    assert kernels.backend_mode() == "auto"
+    with kernels.use_backend("triton"):
+        assert _ran_triton()
+    with kernels.use_backend("reference"):
+        assert not _ran_triton()
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,40 +269,35 @@ def _ran_triton() -> bool:
     return False
 
 
-def test_use_backend_nests_and_restores(monkeypatch, triton_affinity_raises, on_device):
-    monkeypatch.setenv("MORE_FAST_KERNELS", "triton")
+def test_use_backend_nests_and_restores(triton_affinity_raises, on_device):
     env_before = dict(os.environ)
-    assert kernels.backend_mode() == "triton" and _ran_triton()
-    with kernels.use_backend("reference"):
-        assert kernels.backend_mode() == "reference" and not _ran_triton()
-        with kernels.use_backend("triton"):
-            assert kernels.backend_mode() == "triton" and _ran_triton()
-            with kernels.use_backend("AUTO"):
-                assert kernels.backend_mode() == "auto"
-        assert kernels.backend_mode() == "reference" and not _ran_triton()
-    assert kernels.backend_mode() == "triton" and _ran_triton()
+    with kernels.use_backend("triton"):
+        assert kernels.backend_mode() == "triton" and _ran_triton()
+        with kernels.use_backend("reference"):
+            assert kernels.backend_mode() == "reference" and not _ran_triton()
+            with kernels.use_backend("triton"):
+                assert kernels.backend_mode() == "triton" and _ran_triton()
+                with kernels.use_backend("AUTO"):
+                    assert kernels.backend_mode() == "auto"
+            assert kernels.backend_mode() == "reference" and not _ran_triton()
+        assert kernels.backend_mode() == "triton" and _ran_triton()
+    assert kernels.backend_mode() == "auto"
     assert dict(os.environ) == env_before  # nothing written into the environment
 
 
-def test_use_backend_restores_on_exception(monkeypatch):
-    monkeypatch.setenv("MORE_FAST_KERNELS", "reference")
-    with pytest.raises(KeyError, match="inside"):
-        with kernels.use_backend("triton"):
-            with kernels.use_backend("auto"):
-                raise KeyError("inside")
-    assert kernels.backend_mode() == "reference"
+def test_use_backend_restores_on_exception():
+    with kernels.use_backend("reference"):
+        with pytest.raises(KeyError, match="inside"):
+            with kernels.use_backend("triton"):
+                with kernels.use_backend("auto"):
+                    raise KeyError("inside")
+        assert kernels.backend_mode() == "reference"
+    assert kernels.backend_mode() == "auto"
     with kernels.use_backend("triton"):
         with pytest.raises(ZeroDivisionError):
             with kernels.use_backend("reference"):
                 1 / 0
         assert kernels.backend_mode() == "triton"
-
-
-def test_use_backend_defaults_to_the_env(monkeypatch):
-    monkeypatch.delenv("MORE_FAST_KERNELS", raising=False)
-    assert kernels.backend_mode() == "auto"
-    monkeypatch.setenv("MORE_FAST_KERNELS", "reference")
-    assert kernels.backend_mode() == "reference"  # read at each call
 
 
 @pytest.mark.parametrize("bad", ["cuda", "", None, 1])
@@ -308,10 +307,11 @@ def test_use_backend_with_a_bad_value_names_it(bad):
             pass
 
 
-def test_use_backend_is_seen_by_compiled_code(monkeypatch):
+def test_use_backend_is_seen_by_compiled_code():
     """torch.compile guards on the active mode: a graph traced under one mode is not reused under
-    another (the training step compiles its losses and enters use_backend around them)."""
-    monkeypatch.setenv("MORE_FAST_KERNELS", "auto")
+    another (the training step compiles its losses and enters use_backend around them). fullgraph:
+    reading the mode is traceable on every supported stack (torch 2.11's dynamo cannot trace a
+    ContextVar)."""
 
     @torch.compile(fullgraph=True, backend="eager")
     def f(x):
@@ -324,17 +324,17 @@ def test_use_backend_is_seen_by_compiled_code(monkeypatch):
     assert f(x).tolist() == [6.0, 6.0]
 
 
-def test_use_backend_is_per_thread(monkeypatch):
+def test_use_backend_is_process_wide():
+    """One mode for the process (as timm's fused_attn): a thread started inside a block sees it."""
     import threading
 
-    monkeypatch.setenv("MORE_FAST_KERNELS", "auto")
     seen = {}
     with kernels.use_backend("reference"):
         worker = threading.Thread(target=lambda: seen.update(mode=kernels.backend_mode()))
         worker.start()
         worker.join()
         assert kernels.backend_mode() == "reference"
-    assert seen["mode"] == "auto"
+    assert seen["mode"] == "reference" and kernels.backend_mode() == "auto"
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,6 +395,24 @@ def test_train_cli_exits_2_naming_the_flag_before_work(train_script, argv, flag,
     assert os.listdir(tmp_path) == []  # nothing written
 
 
+@pytest.mark.parametrize("data", ["voc", "coco"])
+def test_recipe_weights_for_another_backbone_are_named(train_script, data, monkeypatch, tmp_path):
+    """A recipe's pretrained tag names its architecture: another --backbone without --pretrained says
+    so (not that the weights cannot be fetched), before any work."""
+    root = tmp_path / "data"
+    root.mkdir()
+    monkeypatch.setattr(train_script, "Trainer", lambda *a, **k: pytest.fail("the Trainer was built"))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
+        train_script.main(["--data", data, "--data-root", str(root), "--backbone", "vit_tiny_patch16_224"])
+    assert exc.value.code == 2
+    last = err.getvalue().strip().splitlines()[-1]
+    assert last == (f"train.py: error: --backbone: the {data} recipe's weights "
+                    "(timm:vit_base_patch16_224.orig_in21k_ft_in1k) are for vit_base_patch16_224, not "
+                    "vit_tiny_patch16_224: pass --pretrained FILE or timm:TAG with weights of vit_tiny_patch16_224, "
+                    "or --pretrained none to train it from scratch"), last
+
+
 def test_train_script_subprocess_rejects_missing_data_root(tmp_path):
     missing = tmp_path / "VOC2012"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--data", "voc",
@@ -437,14 +455,15 @@ COMMON_BAD = [
     (["--device", MISSING_GPU], "--device", f"{MISSING_GPU} requested, but this machine has "),
     (["--device", "tpu"], "--device", "expected auto, cpu, cuda or cuda:N, got 'tpu'"),
     (["--device", "cuda:x"], "--device", "expected auto, cpu, cuda or cuda:N, got 'cuda:x'"),
-    (["--kernels", "cuda"], "--kernels", "invalid choice: 'cuda'"),
+    (["--kernels", "cuda"], "--kernels", "expected one of auto, triton, reference, got 'cuda'"),
     (["--crop-size", "0"], "--crop-size", "expected a positive integer (a multiple of the patch size), got 0"),
     (["--crop-size", "4.5"], "--crop-size", "expected a positive integer (a multiple of the patch size), got 4.5"),
 ]
 
 
 @pytest.mark.parametrize("script", ["train", "evaluate", "infer"])
-def test_common_flags_are_validated_the_same_way_by_every_script(script):
+def test_common_flags_are_validated_the_same_way_by_every_script(script, monkeypatch):
+    monkeypatch.delenv("MORE_FAST_KERNELS", raising=False)
     parser, required = _parsers()[script]
     args = parser.parse_args(required + ["--device", "cpu", "--kernels", "reference", "--crop-size", "32"])
     assert (args.device, args.kernels, args.crop_size) == ("cpu", "reference", 32)
@@ -454,6 +473,19 @@ def test_common_flags_are_validated_the_same_way_by_every_script(script):
         last = _parse_error(parser, required + argv)
         assert last.startswith(f"{script}.py: error: argument {flag}: ") and message in last, last
         assert "invalid" not in last or "invalid choice" in last, last  # never `invalid <lambda> value`
+
+
+@pytest.mark.parametrize("script", ["train", "evaluate", "infer"])
+def test_kernels_flag_defaults_to_the_env(script, monkeypatch):
+    monkeypatch.setenv("MORE_FAST_KERNELS", " Reference ")
+    parser, required = _parsers()[script]
+    assert parser.parse_args(required).kernels == "reference"
+    assert parser.parse_args(required + ["--kernels", "triton"]).kernels == "triton"  # the flag wins
+    monkeypatch.setenv("MORE_FAST_KERNELS", "cuda")
+    parser, required = _parsers()[script]
+    last = _parse_error(parser, required)
+    assert last == (f"{script}.py: error: argument --kernels: expected one of auto, triton, reference, got 'cuda' "
+                    f"(the default comes from MORE_FAST_KERNELS='cuda')"), last
 
 
 def test_missing_gpu_names_what_the_machine_has():

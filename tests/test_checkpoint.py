@@ -174,3 +174,23 @@ def test_convert_unknown_keys_and_unknown_backbones(tmp_path):
     assert not (tmp_path / "o.pt").exists()
     with pytest.raises(ValueError, match="neither a more_fast checkpoint"):
         more_fast.load_model(bad)
+
+
+def test_convert_script_names_the_backbone(tmp_path):
+    """--backbone: a family whose heads no tensor stores (DeiT-III here) converts when named;
+    inferred from the width and depth it would be taken for a plain ViT."""
+    torch.manual_seed(4)
+    name = "deit3_small_patch16_224"
+    net = MoReNet(name, num_classes=3, num_registers=2, depth=2, decoder_dim=16, img_size=64).eval()
+    src = tmp_path / "published.pth"
+    torch.save(published_layout(net), src)
+    script = load_script("convert_checkpoint")
+    dst = tmp_path / "named.pt"
+    assert script.main(["--from-more", str(src), "--out", str(dst), "--backbone", name]) == 0
+    loaded = more_fast.load_model(dst)
+    assert loaded.config["backbone"] == name
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, net(x).logits, rtol=0, atol=0)
+    assert script.main(["--from-more", str(src), "--out", str(tmp_path / "bad.pt"), "--backbone", "resnet18"]) == 2
+    assert not (tmp_path / "bad.pt").exists()

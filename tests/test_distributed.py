@@ -45,7 +45,8 @@ def test_torchrun_two_processes_gloo(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MORE_FAST_KERNELS")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
            "--data", "synthetic", "--data-root", str(tmp_path / "synthetic"), "--iters", "2", "--batch-size", "2",
-           "--crop-size", "32", "--workers", "0", "--eval-every", "2", "--out", str(out)]
+           "--crop-size", "32", "--workers", "0", "--eval-every", "2", "--out", str(out),
+           "--device", "cpu"]  # gloo on the CPU: with the default auto, rank 1 of a 1-GPU machine asks for cuda:1
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]

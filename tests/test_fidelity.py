@@ -111,7 +111,7 @@ def test_reg_loss_is_lattice_gain_times_exact_energy():
     logits = torch.randn(2, 4, 12, 10, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 4, (2, 12, 10))
     labels[:, :4] = 255
-    loss = L.reg_loss(image, logits.float(), labels)
+    loss = L.reg_loss(image, logits.float(), labels, 0.5, 15.0, 100.0)  # the VOC recipe's
     # the energy by its definition, at half resolution, over all pixel pairs (p = q included)
     img = F.interpolate(image.double(), size=(6, 5), mode="nearest")
     s = F.interpolate(logits.softmax(1), size=(6, 5), mode="bilinear", align_corners=False)
@@ -129,7 +129,7 @@ def test_reg_loss_is_lattice_gain_times_exact_energy():
     loss.backward()
     g_gain = logits.grad.clone()
     logits.grad = None
-    L.reg_loss(image, logits.float(), labels, gain=1.0).backward()
+    L.reg_loss(image, logits.float(), labels, 0.5, 15.0, 100.0, gain=1.0).backward()
     torch.testing.assert_close(g_gain, 0.58 * logits.grad, rtol=1e-5, atol=1e-12)
 
 
@@ -223,6 +223,7 @@ def test_voc_recipe_background_half_and_pinned_weights_in_the_header():
     assert "validation background 0.5," in head and "high threshold 0.7," in head
     assert "pretrained timm:vit_base_patch16_224.orig_in21k_ft_in1k" in head
     assert "batch 4 (1 x 4)" in head and "CAM scales (1.0, 0.5, 0.75, 1.5)" in head
+    assert "L_ptc from 0, L_cre/L_ure from 0 (" in head  # VOC: from the first iteration
 
 
 def test_coco_recipe_is_the_published_coco_run_and_printed():
@@ -236,7 +237,7 @@ def test_coco_recipe_is_the_published_coco_run_and_printed():
     assert (cfg.cam_high, cfg.eval_bkg, cfg.w_cre, cfg.w_ure, cfg.cre_temperature) == (0.65, 0.45, 0.05, 0.0, 0.1)
     head = _header(cfg)
     for text in ("80000 iterations", "batch 8 (1 x 8)", "CAM scales (1.0, 0.5, 0.75, 1.25, 1.5)",
-                 "L_ptc from 8000", "L_cre/L_ure from 12000 (w_cre 0.05, w_ure 0.0, temperature 0.1)",
+                 "L_ptc after 8000", "L_cre/L_ure after 12000 (w_cre 0.05, w_ure 0.0, temperature 0.1)",
                  "L_seg/L_reg after 16000", "LIR labels from the CAM after 50000", "high threshold 0.65,",
                  "validation background 0.45,", "pretrained timm:vit_base_patch16_224.orig_in21k_ft_in1k"):
         assert text in head, (text, head)
@@ -254,9 +255,9 @@ def test_high_threshold_reaches_the_aux_cam_labels_and_par(monkeypatch):
         seen.append(("labels", hi, lo))
         return real_labels(cam, cls, hi, lo)
 
-    def par_pseudo_labels(*args, hi=0.7, **kw):
+    def par_pseudo_labels(image, cam, cls, hi, lo, storage):
         seen.append(("par", hi))
-        return real_par(*args, hi=hi, **kw)
+        return real_par(image, cam, cls, hi, lo, storage)
 
     monkeypatch.setattr(C, "cam_labels", cam_labels)
     monkeypatch.setattr(C, "par_pseudo_labels", par_pseudo_labels)
@@ -465,3 +466,74 @@ def test_pretrained_none_trains_from_scratch_under_a_recipe(tmp_path):
     assert cfg.pretrained is None
     cfg = config_from_args(["--data", "voc", "--data-root", str(tmp_path), "--pretrained", "NONE"])
     assert cfg.pretrained is None
+
+
+@pytest.mark.parametrize("storage", ["fp32", "bf16"])
+def test_par_affinity_storage_reaches_par_and_config_json(monkeypatch, tmp_path, storage):
+    """TrainConfig.par_affinity (fp32 by default: the published refinement) is what PAR stores, and
+    config.json records it; `--set par_affinity=bf16` is how a run asks for bf16."""
+    import json
+
+    import kernels
+    from more_fast.cli import config_from_args
+    from more_fast.training import TrainConfig
+    from more_fast.training.loop import TrainStep
+
+    assert TrainConfig().par_affinity == "fp32"
+    seen = []
+    real = kernels.par_refine
+
+    def par_refine(*args, **kw):
+        seen.append(args[4] if len(args) > 4 else kw.get("affinity_storage", "fp32"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(kernels, "par_refine", par_refine)
+    cfg = TrainConfig(num_classes=3, crop_size=32, batch_size=2, depth=2, decoder_dim=16, kernels="reference",
+                      cam_scales=(1.0,), par_affinity=storage)
+    step = TrainStep(_tiny().train(), cfg, torch.device("cpu"))
+    batch = {"image": torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8),
+             "cls_label": torch.tensor([[1.0, 0, 1], [0, 1, 0]])}
+    step.step(cfg.scaled("seg_start") + 1, batch)
+    assert seen == [storage]
+    parsed = config_from_args(["--set", f"par_affinity={storage}", "--out", str(tmp_path)])
+    assert parsed.par_affinity == storage and json.loads(json.dumps(parsed.to_dict()))["par_affinity"] == storage
+
+
+def test_the_recipe_reaches_the_losses(monkeypatch):
+    """L_reg's scale and sigmas, the LIR / aux-CAM label thresholds and L_cre's temperature come
+    from TrainConfig (defined once there), not from defaults deeper down."""
+    import kernels
+    from more_fast.training import TrainConfig
+    from more_fast.training.loop import TrainStep
+
+    seen = {}
+    real_energy, real_labels, real_lir = kernels.dense_energy_loss, C.cam_labels, kernels.lir_loss
+
+    def energy(image, probs, gate, sigma_rgb, sigma_xy):
+        seen["energy"] = (tuple(image.shape[-2:]), sigma_rgb, sigma_xy)
+        return real_energy(image, probs, gate, sigma_rgb, sigma_xy)
+
+    def cam_labels(cam, cls, hi, lo):
+        seen.setdefault("labels", []).append((hi, lo))
+        return real_labels(cam, cls, hi, lo)
+
+    def lir(cls_tokens, patch_tokens, labels, cls_labels, temperature):
+        seen["temperature"] = temperature
+        return real_lir(cls_tokens, patch_tokens, labels, cls_labels, temperature)
+
+    monkeypatch.setattr(kernels, "dense_energy_loss", energy)
+    monkeypatch.setattr(kernels, "lir_loss", lir)
+    monkeypatch.setattr(C, "cam_labels", cam_labels)
+    cfg = TrainConfig(num_classes=3, crop_size=32, batch_size=2, depth=2, decoder_dim=16, kernels="reference",
+                      cam_scales=(1.0,), reg_scale=0.75, reg_sigma_rgb=11.0, reg_sigma_xy=40.0, cam_high=0.8,
+                      cam_low=0.2, cre_high=0.55, lir_high=0.65, lir_low=0.3, cre_temperature=0.25)
+    step = TrainStep(_tiny().train(), cfg, torch.device("cpu"))
+    batch = {"image": torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8),
+             "cls_label": torch.tensor([[1.0, 0, 1], [0, 1, 0]])}
+    step.step(cfg.scaled("seg_start") + 1, batch)  # the decoder's terms on, the labels from the aux CAM
+    assert seen["energy"] == ((24, 24), 11.0, 0.75 * 40.0)
+    assert seen["temperature"] == 0.25
+    assert (0.8, 0.2) in seen["labels"] and (0.55, 0.2) in seen["labels"]
+    seen.clear()
+    step.step(cfg.scaled("label_switch") + 1, batch)  # the LIR labels from the CAM
+    assert (0.65, 0.3) in seen["labels"] and (0.55, 0.2) not in seen["labels"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import kernels
-from helpers import DEVICE, rel as rel_err, tol
+from helpers import DEVICE, rel as rel_err, tol, force_backend
 from kernels import attention, reference
 
 REDUCES = ("mean_softmax", "sum_logits")
@@ -67,7 +67,7 @@ def test_half_inputs_match_float64_reference(layout, dtype, reduce):
 
 @pytest.mark.parametrize("reduce", REDUCES)
 def test_public_op_dispatches_to_triton(monkeypatch, reduce):
-    monkeypatch.setenv("MORE_FAST_KERNELS", "triton")
+    force_backend(monkeypatch, "triton")
     assert kernels.resolve_backend("class_patch_attention", DEVICE) == "triton"
     q, k = timm_qk(2, 3, 1 + 4 + 27, 64, torch.float32)
     out = kernels.class_patch_attention(q, k, 1, 4, reduce)
@@ -96,7 +96,7 @@ def test_large_logits_do_not_overflow():
 
 
 def test_requires_grad_inputs_give_a_detached_map(monkeypatch):
-    monkeypatch.setenv("MORE_FAST_KERNELS", "triton")
+    force_backend(monkeypatch, "triton")
     q, k = plain_qk(1, 2, 1 + 2 + 21, 64, torch.float32)
     q.requires_grad_(True)
     k.requires_grad_(True)
@@ -116,7 +116,7 @@ def test_deterministic_run_to_run():
 
 
 def test_float64_and_empty_batch_take_the_reference(monkeypatch):
-    monkeypatch.setenv("MORE_FAST_KERNELS", "triton")
+    force_backend(monkeypatch, "triton")
     q, k = plain_qk(1, 2, 1 + 2 + 13, 16, torch.float64)
     out = kernels.class_patch_attention(q, k, 1, 2, "mean_softmax")
     assert out.dtype == torch.float64
@@ -126,7 +126,7 @@ def test_float64_and_empty_batch_take_the_reference(monkeypatch):
 
 
 def test_torch_compile_fullgraph(monkeypatch):
-    monkeypatch.setenv("MORE_FAST_KERNELS", "triton")
+    force_backend(monkeypatch, "triton")
     q, k = timm_qk(2, 3, 4 + 5 + 31, 48, torch.float32)
 
     @torch.compile(fullgraph=True)

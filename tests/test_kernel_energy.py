@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import kernels
-from helpers import DEVICE
+from helpers import DEVICE, force_backend
 from kernels import energy as k_energy
 from kernels import reference
 
@@ -24,7 +24,7 @@ NORM_TOL = 1e-3
 
 @pytest.fixture(autouse=True)
 def _triton(monkeypatch):
-    monkeypatch.setenv("MORE_FAST_KERNELS", "triton")
+    force_backend(monkeypatch, "triton")
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -77,7 +77,7 @@ def _block(n):
 
 
 def test_dispatch_is_triton():
-    assert kernels.resolve_backend("dense_energy_loss", torch.device("cpu")) == "triton"
+    assert kernels.resolve_backend("dense_energy_loss", DEVICE) == "triton"
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import kernels
-from helpers import DEVICE, rel as _rel, tol
+from helpers import DEVICE, rel as _rel, tol, force_backend
 from kernels import gcr, reference
 
 SCORES = ("published", "dot")
@@ -205,7 +205,7 @@ def test_backward_hub_nodes(monkeypatch, score):
 
 
 def test_public_dispatch(monkeypatch):
-    monkeypatch.setenv("MORE_FAST_KERNELS", "triton")
+    force_backend(monkeypatch, "triton")
     assert kernels.resolve_backend("gcr_aggregate", DEVICE) == "triton"
     h, e, gm = _inputs(1, 3, 13, 20, torch.float32)
     out = kernels.gcr_aggregate(h, e, 4, "dot")
@@ -215,7 +215,7 @@ def test_public_dispatch(monkeypatch):
 
 
 def test_torch_compile_fullgraph(monkeypatch):
-    monkeypatch.setenv("MORE_FAST_KERNELS", "triton")
+    force_backend(monkeypatch, "triton")
     h, e, gm = _inputs(2, 5, 19, 24, torch.float32)
     k = 6
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import kernels
-from helpers import on_device, rel, tol as tolerance
+from helpers import on_device, rel, tol as tolerance, force_backend
 from kernels import lir, reference
 
 
 @pytest.fixture
 def triton_backend(monkeypatch):
-    monkeypatch.setenv("MORE_FAST_KERNELS", "triton")
+    force_backend(monkeypatch, "triton")
     assert kernels.triton_available("lir_loss")
 
 

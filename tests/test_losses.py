@@ -115,7 +115,7 @@ def test_reg_loss_gate_and_value():
     image = torch.rand(1, 3, 8, 8) * 255
     seg = torch.randn(1, 3, 8, 8, requires_grad=True)
     labels = torch.full((1, 8, 8), 255)
-    loss = L.reg_loss(image, seg, labels)
+    loss = L.reg_loss(image, seg, labels, 0.5, 15.0, 100.0)
     loss.backward()
     assert loss.item() < 0 and seg.grad.abs().sum() > 0
 
@@ -137,7 +137,7 @@ def test_par_pseudo_labels_only_present_classes_and_uncertain_band():
     cam[:, 1, 6:8, 8:24] = 0.5  # a mid-confidence band
     cam[:, 2] = 0.9  # class 2 everywhere, but absent from the labels
     cls = torch.tensor([[0.0, 1, 0, 0], [0, 1, 0, 0]])
-    lab = C.par_pseudo_labels(image, cam, cls)
+    lab = C.par_pseudo_labels(image, cam, cls, 0.7, 0.25, "fp32")
     assert lab.shape == (2, 32, 32)
     assert set(lab.unique().tolist()) <= {0, 2, 255}
     assert (lab[:, 12:20, 12:20] == 2).all() and (lab[:, 28:, :] == 0).all()

@@ -63,7 +63,7 @@ _OPS_WITHOUT_TRITON = """
 
 @pytest.mark.parametrize("interpret", ["0", "1"])
 def test_auto_backend_runs_the_reference_without_triton(interpret, tmp_path):
-    res = _run(_OPS_WITHOUT_TRITON, [ROOT], tmp_path, TRITON_INTERPRET=interpret, MORE_FAST_KERNELS="auto")
+    res = _run(_OPS_WITHOUT_TRITON, [ROOT], tmp_path, TRITON_INTERPRET=interpret)
     assert res.returncode == 0, res.stderr
     assert "ran on the reference: affinity_loss,lir_loss,gcr_aggregate" in res.stdout
 
@@ -74,11 +74,12 @@ def test_forced_triton_backend_says_triton_is_missing(tmp_path):
         sys.modules["triton"] = None
         import torch, kernels
         try:
-            kernels.affinity_loss(torch.randn(1, 4, 3), torch.zeros(1, 4, dtype=torch.long))
+            with kernels.use_backend("triton"):
+                kernels.affinity_loss(torch.randn(1, 4, 3), torch.zeros(1, 4, dtype=torch.long))
         except NotImplementedError as err:
             print("error:", err)
     """
-    res = _run(code, [ROOT], tmp_path, TRITON_INTERPRET="1", MORE_FAST_KERNELS="triton")
+    res = _run(code, [ROOT], tmp_path, TRITON_INTERPRET="1")
     assert res.returncode == 0, res.stderr
     assert "error: affinity_loss: no Triton implementation is available" in res.stdout
 

@@ -9,7 +9,7 @@ the multi-tile paths). Tensors come from a seed that hypothesis draws (`torch.Ge
 from hypothesis arrays, for speed.
 
 The Triton path runs on tests/helpers.DEVICE: compiled on CUDA tensors when CUDA is available,
-else under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1); MORE_FAST_KERNELS=triton
+else under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1); kernels.use_backend("triton")
 is set for this module. Inputs are drawn on the CPU and copied to the device with their layout.
 The oracle is `kernels.reference` in float64 on upcast copies of the same inputs, on the CPU.
 Values and every input gradient that exists are compared by ||fused - ref|| / ||ref||: <= 1e-5
@@ -83,7 +83,7 @@ def _settings(n: int):
 @pytest.fixture(scope="module", autouse=True)
 def _triton_backend():
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MORE_FAST_KERNELS", "triton")
+        mp.setattr(kernels, "_MODE", "triton")  # use_backend("triton") for the whole module
         for op in ("affinity_loss", "lir_loss", "gcr_aggregate", "class_patch_attention", "par_refine",
                    "dense_energy_loss"):
             assert kernels.resolve_backend(op, DEVICE) == "triton", op
@@ -569,10 +569,10 @@ def test_par_refine_matches_reference(case):
     masks = masks.softmax(1) if case["masks"] == "probs" else masks
     masks = _layout(masks.to(dtype), case["layout"])
     patch = ((k_par, "_AFF_BLOCK_P", 16), (k_par, "_STEP_BLOCK_P", 32)) if case["small_blocks"] else ()
-    # the affinity kept in fp32: this checks the kernels' arithmetic at fp32 level; the default
-    # bf16 storage (a deliberate rounding of the weights) is checked against the reference with
-    # its weights rounded alike, and against its rounding bound, in tests/test_kernel_par.py
-    with _patched(*patch), mock.patch.dict(os.environ, {k_par.AFFINITY_ENV: "fp32"}):
+    # the affinity in fp32 (the default): this checks the kernels' arithmetic at fp32 level; the
+    # optional bf16 storage (a deliberate rounding of the weights) is checked against the
+    # propagation of its stored weights, and against its rounding bound, in tests/test_kernel_par.py
+    with _patched(*patch):
         out = kernels.par_refine(_dev(image), _dev(masks), case["dilations"], case["num_iter"])
     assert out.dtype == F32 and not out.requires_grad
     ref = R.par_refine(image.double(), masks.double(), case["dilations"], case["num_iter"])

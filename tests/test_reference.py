@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from helpers import force_backend
 from kernels import reference as R
 
 f64 = torch.float64
@@ -256,15 +257,14 @@ def test_gaussian_filter_chunks_agree():
 # bad input on both backends: tests/test_bad_input.py (messages anchored to the argument's name)
 
 
-def test_backend_env_is_read_at_each_call(monkeypatch):
-    monkeypatch.setenv("MORE_FAST_KERNELS", "reference")
-    assert kernels.resolve_backend("affinity_loss", torch.device("cpu")) == "reference"
-    monkeypatch.setenv("MORE_FAST_KERNELS", "bogus")
-    with pytest.raises(ValueError, match="MORE_FAST_KERNELS"):
-        kernels.affinity_loss(torch.randn(1, 3, 2), torch.zeros(1, 3, dtype=torch.long))
+def test_backend_is_read_at_each_call():
+    with kernels.use_backend("reference"):
+        assert kernels.resolve_backend("affinity_loss", torch.device("cpu")) == "reference"
+    with kernels.use_backend("triton"):
+        assert kernels.resolve_backend("affinity_loss", torch.device("cuda")) == "triton"
 
 
 def test_reference_backend_matches_reference_module(monkeypatch):
-    monkeypatch.setenv("MORE_FAST_KERNELS", "reference")
+    force_backend(monkeypatch, "reference")
     t, lab = torch.randn(2, 9, 4), torch.randint(0, 3, (2, 9))
     assert torch.equal(kernels.affinity_loss(t, lab), R.affinity_loss(t, lab))

@@ -14,6 +14,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+# the label of pixels and patches that count for nothing (VOC's object borders, uncertain pseudo
+# labels); every module of the project reads it from here
+IGNORE_INDEX = 255
+
 
 def voc_palette() -> np.ndarray:
     """The standard 256-entry VOC colour map (256 x 3 uint8): bits of the index spread over RGB."""

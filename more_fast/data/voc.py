@@ -28,7 +28,7 @@ VOC_CLASSES: tuple[str, ...] = (
     "train", "tvmonitor",
 )
 
-IGNORE_INDEX = 255
+from more_fast.data.palette import IGNORE_INDEX
 
 
 class BadSample(ValueError):

@@ -36,7 +36,9 @@ class MoReNet(nn.Module):
     Attribute names follow the published checkpoints (README, Real data) so that they map over.
     """
 
-    def __init__(self, backbone: str = "vit_base_patch16_224", num_classes: int = 20, num_registers: int = 4,
+    # backbone and class count come from the recipe (training.config) or a checkpoint's config; the
+    # defaults below are the published architecture's (R = 4, k = 0.5 K, LargeFOV 512 wide)
+    def __init__(self, backbone: str, num_classes: int, num_registers: int = 4,
                  topk_ratio: float = 0.5, gcr_score: str = "published", attn_impl: str = "sdpa",
                  decoder_bias: bool = False, img_size: Optional[int] = None, depth: Optional[int] = None,
                  decoder_dim: int = 512, patch_size: Optional[int] = None, gcr: bool = True):

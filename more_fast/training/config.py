@@ -47,10 +47,16 @@ class TrainConfig:
     w_cre: float = 0.2  # COCO 0.05 (the published COCO run; its script's default is 0.1)
     w_ure: float = 0.1  # COCO 0.0 (the published COCO run; its script's default is 0.01)
     cam_high: float = 0.7  # high threshold of the aux-CAM labels (L_ptc, L_ure) and of PAR (COCO 0.65)
+    cam_low: float = 0.25  # their low threshold (also L_cre's aux-CAM labels and PAR's second background)
+    cre_high: float = 0.5  # high threshold of L_cre's aux-CAM labels, until the label switch
+    lir_high: float = 0.6  # high threshold of the LIR labels (L_cre, L_ure) from the CAM, after the switch
+    lir_low: float = 0.35  # their low threshold
     w_ptc: float = 0.3
     w_seg: float = 0.12
     w_reg: float = 0.05
-    reg_scale: float = 0.25  # L_reg works at this fraction of the crop (VOC 0.5 of 448; sigma_xy = 100 * scale)
+    reg_scale: float = 0.25  # L_reg works at this fraction of the crop (VOC 0.5 of 448)
+    reg_sigma_rgb: float = 15.0  # L_reg's colour sigma
+    reg_sigma_xy: float = 100.0  # L_reg's spatial sigma in pixels of the crop (the op gets reg_scale x it)
     cam_scales: tuple = (1.0, 0.5)  # VOC (1.0, 0.5, 0.75, 1.5); COCO adds 1.25
     reference_iters: int = 20000  # the recipe's length that the thresholds above refer to
     # evaluation and output
@@ -68,6 +74,7 @@ class TrainConfig:
     amp: bool = False  # bf16 autocast (on the CPU only where it is not slower)
     compile: bool = False
     kernels: str = "auto"  # auto | triton | reference
+    par_affinity: str = "fp32"  # PAR's stored neighbour weights: fp32 (the published refinement) | bf16 (half the bytes)
     device: str = "auto"  # auto | cpu | cuda
     on_nonfinite: str = "stop"  # stop | skip
     # synthetic data set size (only for data=synthetic)

@@ -13,8 +13,8 @@ from .. import cam as C
 from ..artifacts import ArtifactMeter
 from ..data import normalize, voc_palette
 from ..model.network import MoReNet
+from ..data.palette import IGNORE_INDEX as IGNORE
 
-IGNORE = 255
 MAP_NAMES = ("cam", "aux_cam", "lam", "decoder")
 
 

@@ -80,41 +80,17 @@ def loss_weights(cfg: TrainConfig, it: int) -> dict[str, float]:
     A term whose weight is 0 is left out, so it is not computed at all: w_cre = w_ure = 0 is the
     ablation without LIR."""
     w = {"cls": 1.0, "aux": 1.0, "mct": 1.0}
-    if it >= cfg.scaled("ptc_start"):
+    # as the published scripts: a term joins after its start (COCO `if n_iter <= 8000:` is the phase
+    # before L_ptc), and a start of 0 means from the first iteration (VOC's script has no condition)
+    if it > cfg.scaled("ptc_start") or cfg.scaled("ptc_start") == 0:
         w["ptc"] = cfg.w_ptc
-    if it >= cfg.scaled("lir_start"):
+    if it > cfg.scaled("lir_start") or cfg.scaled("lir_start") == 0:
         w["cre"] = cfg.w_cre
         w["ure"] = cfg.w_ure
     if it > cfg.scaled("seg_start"):
         w["seg"] = cfg.w_seg
         w["reg"] = cfg.w_reg
     return {name: value for name, value in w.items() if value != 0}
-
-
-def compute_losses(out: MoReOutput, cls_labels: torch.Tensor, ptc_labels: torch.Tensor,
-                   cre_labels: torch.Tensor, ure_index: torch.Tensor, ure_valid: torch.Tensor,
-                   seg_labels: Optional[torch.Tensor], image: torch.Tensor, weights: dict[str, float],
-                   cre_temperature: float, reg_scale: float = 0.5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The weighted total and each active term. Labels on the grid are B x N (seg: B x H x W)."""
-    terms = {
-        "cls": losses.cls_loss(out.logits, cls_labels),
-        "aux": losses.cls_loss(out.aux_logits, cls_labels),
-        "mct": losses.mct_loss(out.class_tokens),
-    }
-    if "ptc" in weights:
-        terms["ptc"] = losses.ptc_loss(out.patch_tokens, ptc_labels)
-    if "cre" in weights:
-        terms["cre"] = losses.cre_loss(out.class_tokens, out.patch_tokens, cre_labels, cls_labels, cre_temperature)
-    if "ure" in weights:
-        terms["ure"] = losses.ure_loss(out.patch_tokens, out.class_tokens, ure_index, ure_valid, cls_labels)
-    if "seg" in weights or "reg" in weights:
-        seg = F.interpolate(out.seg.float(), size=image.shape[-2:], mode="bilinear", align_corners=False)
-        if "seg" in weights:
-            terms["seg"] = losses.seg_loss(seg, seg_labels)
-        if "reg" in weights:
-            terms["reg"] = losses.reg_loss(image, seg, seg_labels, scale=reg_scale)
-    total = sum(weights[name] * value.float() for name, value in terms.items())
-    return total, terms
 
 
 @dataclass
@@ -167,7 +143,7 @@ class TrainStep:
         self.ddp = isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
         self.forward = torch.compile(wrapped, fullgraph=True) if cfg.compile else wrapped
         self.features = torch.compile(self.model.forward_features, fullgraph=True) if cfg.compile else None
-        self.losses = torch.compile(compute_losses, fullgraph=True) if cfg.compile else compute_losses
+        self.losses = torch.compile(losses.compute_losses, fullgraph=True) if cfg.compile else losses.compute_losses
 
     @torch.no_grad()
     def make_labels(self, x: torch.Tensor, image: torch.Tensor, out: MoReOutput, cls_labels: torch.Tensor,
@@ -178,16 +154,16 @@ class TrainStep:
         grid = out.grid
         cam_grid = cam.resize_to_grid(maps["cam"], grid)
         aux = cam.resize_to_grid(maps["aux_cam"], grid)
-        aux_labels = cam.cam_labels(aux, cls_labels, cfg.cam_high, 0.25)  # B x h x w: L_ptc's, and L_ure's at first
-        if it < cfg.scaled("label_switch"):
-            cre = cam.cam_labels(aux, cls_labels, 0.5, 0.25)
+        aux_labels = cam.cam_labels(aux, cls_labels, cfg.cam_high, cfg.cam_low)  # B x h x w: L_ptc's, and L_ure's at first
+        if it <= cfg.scaled("label_switch"):  # published: `aux if n_iter <= 10000 else cam`
+            cre = cam.cam_labels(aux, cls_labels, cfg.cre_high, cfg.cam_low)
             ure = aux_labels
         else:
-            cre = cam.cam_labels(cam_grid, cls_labels, 0.6, 0.35)
+            cre = cam.cam_labels(cam_grid, cls_labels, cfg.lir_high, cfg.lir_low)
             ure = cre
         noise = torch.rand(ure.shape[0], ure.shape[1] * ure.shape[2], generator=self.ure_gen, device=self.device)
         ure_index, ure_valid = losses.ure_sample(ure, noise)
-        seg = (cam.par_pseudo_labels(image, maps["cam"], cls_labels, hi=cfg.cam_high)
+        seg = (cam.par_pseudo_labels(image, maps["cam"], cls_labels, cfg.cam_high, cfg.cam_low, cfg.par_affinity)
                if "seg" in weights or "reg" in weights else None)
         return StepLabels(aux_labels.flatten(1), cre.flatten(1), ure_index, ure_valid, seg)
 
@@ -216,7 +192,7 @@ class TrainStep:
             labels = self.make_labels(x, image, out, cls_labels, it, weights)
             total, terms = self.losses(out, cls_labels, labels.ptc, labels.cre, labels.ure_index,
                                        labels.ure_valid, labels.seg, image, weights, cfg.cre_temperature,
-                                       cfg.reg_scale)
+                                       cfg.reg_scale, cfg.reg_sigma_rgb, cfg.reg_sigma_xy)
             if "seg" not in weights and "reg" not in weights:  # as the published 0 * L_seg: the decoder gets
                 # zero gradients, so AdamW decays it and counts its steps from iteration 1 (and DDP sees
                 # every output used)
@@ -284,13 +260,14 @@ class Trainer:
     def _log_schedule(self) -> None:
         cfg = self.cfg
         t = cfg.total_iters
+        joins = lambda name: f"after {cfg.scaled(name)}" if cfg.scaled(name) else "from 0"  # noqa: E731
         note = "" if t >= cfg.reference_iters else f" (the recipe's {cfg.reference_iters}-iteration thresholds scaled by {t}/{cfg.reference_iters})"
         self.log(f"schedule: {t} iterations, running {cfg.iters}; warm-up {cfg.scaled('warmup_iters')}, "
                  f"L_seg/L_reg after {cfg.scaled('seg_start')}, LIR labels from the CAM after "
                  f"{cfg.scaled('label_switch')}{note}")
         self.log(f"recipe: batch {cfg.batch_size * self.world} ({self.world} x {cfg.batch_size}), CAM scales "
-                 f"{tuple(cfg.cam_scales)}, L_ptc from {cfg.scaled('ptc_start')}, L_cre/L_ure from "
-                 f"{cfg.scaled('lir_start')} (w_cre {cfg.w_cre}, w_ure {cfg.w_ure}, "
+                 f"{tuple(cfg.cam_scales)}, L_ptc {joins('ptc_start')}, L_cre/L_ure "
+                 f"{joins('lir_start')} (w_cre {cfg.w_cre}, w_ure {cfg.w_ure}, "
                  f"temperature {cfg.cre_temperature}), "
                  f"aux-CAM/PAR high threshold {cfg.cam_high}, validation background {cfg.eval_bkg}, "
                  f"pretrained {cfg.pretrained or 'none'}")
