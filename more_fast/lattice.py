@@ -124,12 +124,28 @@ def _locate(features: torch.Tensor):
 
 def _vertex_keys(rem0: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
     """P x (d+1) x d int64 keys of the d+1 vertices: key_i = rem0_i + canonical[r][rank_i],
-    canonical[r][j] = r if j <= d - r else r - (d+1)."""
+    canonical[r][j] = r if j <= d - r else r - (d+1) (the C++'s loop; _packed_vertex_keys packs
+    the same keys without forming them)."""
     d = rank.shape[1] - 1
     r = torch.arange(d + 1, device=rank.device)[None, :, None]  # remainder
     rk = rank[:, None, :d]
     canon = torch.where(rk <= d - r, r, r - (d + 1))
     return rem0[:, None, :d].to(torch.int64) + canon
+
+
+def _packed_vertex_keys(shifted: torch.Tensor, rank: torch.Tensor, strides: torch.Tensor) -> torch.Tensor:
+    """P x (d+1) packed keys sum_i (key_i - lo_i) stride_i of the d+1 vertices, from `shifted` =
+    corner - lo (P x d). With canonical[r][rank_i] = r - (d+1) [rank_i > d - r]:
+    packed_r = sum_i shifted_i stride_i + r sum(strides) - (d+1) T_r, T_r the sum of the strides
+    of the coordinates i < d of rank > d - r (a suffix sum over ranks)."""
+    p, d = shifted.shape
+    base = (shifted * strides).sum(dim=1, keepdim=True)  # P x 1
+    by_rank = torch.zeros(p, d + 1, dtype=torch.int64, device=shifted.device)
+    by_rank.scatter_(1, rank[:, :d], strides.expand(p, d))  # the stride of the coordinate of each rank
+    suffix = by_rank.flip(1).cumsum(dim=1).flip(1)  # suffix[k] = sum over ranks >= k
+    t = torch.cat([torch.zeros(p, 1, dtype=torch.int64, device=shifted.device), suffix[:, 1:].flip(1)], dim=1)
+    r = torch.arange(d + 1, device=shifted.device)
+    return base + r * strides.sum() - (d + 1) * t  # t[:, r] = suffix[d - r + 1] (r >= 1), 0 for r = 0
 
 
 def build_lattice(features: torch.Tensor) -> Lattice:
@@ -143,12 +159,11 @@ def build_lattice(features: torch.Tensor) -> Lattice:
         raise ValueError("features: expected finite values")
     dev = features.device
     rem0, rank, bary = _locate(features.reshape(b * n, d))
-    keys = _vertex_keys(rem0, rank)  # P x (d+1) x d
-    flat = keys.reshape(-1, d)
-    lo = flat.amin(dim=0) - (d + 1)  # room for the neighbours' keys (+-d, -1)
-    span = flat.amax(dim=0) + (d + 1) - lo + 1
-    bounds = torch.cat([lo, span]).tolist()  # the one small host read: the radix
-    lo_l, span_l = bounds[:d], bounds[d:]
+    corner = rem0[:, :d].to(torch.int64)  # P x d: vertex r's key is corner + canonical[r][rank]
+    # keys lie within corner +- d, their neighbours' within +- (2 d + 1)
+    bounds = torch.cat([corner.amin(dim=0), corner.amax(dim=0)]).tolist()  # the one small host read: the radix
+    lo_l = [v - (2 * d + 1) for v in bounds[:d]]
+    span_l = [hi + (2 * d + 1) - lo + 1 for hi, lo in zip(bounds[d:], lo_l)]
     strides, total = [], 1
     for s in span_l:
         strides.append(total)
@@ -157,9 +172,9 @@ def build_lattice(features: torch.Tensor) -> Lattice:
         raise ValueError(f"features: the lattice keys span {total * b:.3g} values, more than a 62-bit key packs "
                          "(features too spread: larger sigmas, or fewer images per batch)")
     stride_t = torch.tensor(strides, dtype=torch.int64, device=dev)
-    packed = ((flat - torch.tensor(lo_l, dtype=torch.int64, device=dev)) * stride_t).sum(dim=1)
+    packed = _packed_vertex_keys(corner - torch.tensor(lo_l, dtype=torch.int64, device=dev), rank, stride_t)
     image = torch.arange(b, device=dev).repeat_interleave(n * (d + 1))
-    packed = packed + image * total
+    packed = packed.reshape(-1) + image * total
     sorted_keys, perm = torch.sort(packed, stable=True)  # stable: a key's entries in pixel order
     first = torch.ones_like(sorted_keys, dtype=torch.bool)
     first[1:] = sorted_keys[1:] != sorted_keys[:-1]

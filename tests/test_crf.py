@@ -99,6 +99,17 @@ def test_lattice_is_the_reference_lattice(xy, rgb):
         assert np.abs(got_rev - want_rev).max() <= 1e-6 * np.abs(want_rev).max()
 
 
+def test_packed_keys_are_the_vertex_keys_packed():
+    img = photo("astronaut", (20, 20))
+    rem0, rank, _ = L._locate(L.pixel_features(torch.from_numpy(img)[None], 5.0, 3.0)[0])
+    keys = L._vertex_keys(rem0, rank)  # P x 6 x 5, the C++'s loop
+    lo = keys.reshape(-1, 5).amin(0) - 20
+    strides = torch.tensor([1, 300, 300 ** 2, 300 ** 3, 300 ** 4])
+    want = ((keys - lo) * strides).sum(-1)
+    got = L._packed_vertex_keys(rem0[:, :5].long() - lo, rank, strides)
+    assert torch.equal(got, want)
+
+
 def test_lattice_batches_images_of_one_size():
     a, b = photo("chelsea", (18, 24)), photo("coffee", (18, 24))
     both = L.build_lattice(L.pixel_features(torch.from_numpy(np.stack([a, b])), 67.0, 3.0))
