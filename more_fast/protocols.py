@@ -163,10 +163,12 @@ def image_labels_with_fallback(logits: torch.Tensor, seg_grid: torch.Tensor,
 def _crf_job(args):
     from .crf import crf_map_labels, crf_prob_labels
 
-    kind, image, scores, present = args
+    kind, image, scores, present, backend = args
     if kind == "map":
-        return crf_map_labels(image, scores, present)
-    return crf_prob_labels(image, scores)
+        out = crf_map_labels(image, scores, present, backend=backend)
+    else:
+        out = crf_prob_labels(image, scores, backend=backend)
+    return out.cpu().numpy() if isinstance(out, torch.Tensor) else out
 
 
 @torch.no_grad()
@@ -176,13 +178,14 @@ def evaluate_published(model, loader, device: torch.device, crop_size: int,
                        image_labels: str = "classifier", crf: bool = False, amp_dtype=None,
                        save: Optional[callable] = None, save_map: str = "lam",
                        executor: Optional[Executor] = None, progress=None,
-                       decoder_protocol: str = "published") -> dict[str, float]:
+                       decoder_protocol: str = "published", crf_backend: str = "auto") -> dict[str, float]:
     """mIoU (percent) of cam, aux_cam, lam, decoder (and lam_crf, decoder_crf with `crf`) over a
     loader of OriginalSize samples (lists of dicts). `save(name, label_map)` receives the chosen
     prediction (`save_map`, its CRF version when `crf`) of every image, H x W uint8 at the
     original size. `decoder_protocol`: "published" (max over scales of the flip-summed logits) or
     "mean_prob" (mean softmax). Also returns "images" and "labelled_classes" (mean classes per
-    image)."""
+    image). `crf_backend` (more_fast.crf.dense_crf): the lattice ("auto", "lattice") runs on `device`;
+    "pydensecrf" on the CPU (in `executor`'s processes when given)."""
     if image_labels not in ("classifier", "gt"):
         raise ValueError(f"image_labels: expected 'classifier' or 'gt', got {image_labels!r}")
     if decoder_protocol not in DECODER_PROTOCOLS:
@@ -190,7 +193,7 @@ def evaluate_published(model, loader, device: torch.device, crop_size: int,
     if crf:
         from .crf import require_crf
 
-        require_crf()
+        require_crf(crf_backend)
     model.eval()
     k1 = model.num_classes + 1
     names = MAP_NAMES + (("lam_crf", "decoder_crf") if crf else ()) + ("background",)
@@ -220,15 +223,20 @@ def evaluate_published(model, loader, device: torch.device, crop_size: int,
             scores = decoder_scores(maps["seg_logits"], i, size, decoder_protocol)
             preds["decoder"] = scores.argmax(dim=0).cpu()
             if crf:
-                image = sample["image"].permute(1, 2, 0).numpy()
-                present = labels[i].cpu().numpy() > 0
                 prob = scores.softmax(dim=0) if decoder_protocol == "published" else scores
-                jobs.append(("map", image, resized["lam"][0].cpu().numpy(), present))
-                jobs.append(("prob", image, prob.cpu().numpy(), None))
+                if crf_backend == "pydensecrf":
+                    image = sample["image"].permute(1, 2, 0).numpy()
+                    jobs.append(("map", image, resized["lam"][0].cpu().numpy(), labels[i].cpu().numpy() > 0, crf_backend))
+                    jobs.append(("prob", image, prob.cpu().numpy(), None, crf_backend))
+                else:  # the lattice, on the evaluation device
+                    image = sample["image"].permute(1, 2, 0).contiguous().to(device)
+                    jobs.append(("map", image, resized["lam"][0], labels[i] > 0, crf_backend))
+                    jobs.append(("prob", image, prob, None, crf_backend))
             preds_all.append(preds)
             labelled += float(labels[i].sum())
         if crf:
-            results = list(executor.map(_crf_job, jobs)) if executor is not None else [_crf_job(j) for j in jobs]
+            pool = executor is not None and crf_backend == "pydensecrf"
+            results = list(executor.map(_crf_job, jobs)) if pool else [_crf_job(j) for j in jobs]
             for i, preds in enumerate(preds_all):
                 preds["lam_crf"] = torch.from_numpy(results[2 * i].astype(np.int64))
                 preds["decoder_crf"] = torch.from_numpy(results[2 * i + 1].astype(np.int64))

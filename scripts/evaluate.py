@@ -17,8 +17,10 @@ Protocols (details in more_fast/protocols.py):
 Both protocols also report the artifact ratio (more_fast/artifacts.py): the share of a present
 class's class-patch attention, and of its LAM's positive mass, on patches of another class or
 background; measured at crop x crop from one single-scale forward per image. Lower is better.
---crf adds dense-CRF rows (LAM and decoder, the published parameters, docs/METHOD.md, Published protocols) to the published protocol. It
-needs the optional package pydensecrf2, installed separately: `pip install pydensecrf2`.
+--crf adds dense-CRF rows (LAM and decoder, the published parameters, docs/METHOD.md, Published protocols) to the published protocol,
+by default with the permutohedral-lattice CRF on the evaluation device (more_fast/lattice.py: no
+extra package); --crf-backend pydensecrf runs the optional CPU package pydensecrf2 instead
+(`pip install pydensecrf2`), a cross-check, spread over --crf-workers processes.
 --save-png DIR writes the chosen prediction (--save-map; its CRF version with --crf) of every
 image as a VOC palette PNG at the original size, DIR/<name>.png. For the VOC test server, put
 them under results/VOC2012/Segmentation/comp6_test_cls/ and archive that folder.
@@ -50,9 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=("train-val", "published", "both"), default="published",
                    help="see below (default: published)")
     p.add_argument("--crf", action="store_true",
-                   help="dense CRF on the published LAM and decoder (needs `pip install pydensecrf2`; default: off)")
+                   help="dense CRF on the published LAM and decoder (default: off)")
+    p.add_argument("--crf-backend", choices=("auto", "lattice", "pydensecrf"), default="auto",
+                   help="auto / lattice: the lattice CRF on the evaluation device; pydensecrf: the optional CPU package "
+                   "pydensecrf2 (default: auto)")
     p.add_argument("--crf-workers", type=non_negative_int, default=0,
-                   help="processes for the CRF (0: in this process; default: 0)")
+                   help="processes for --crf-backend pydensecrf (0: in this process; default: 0)")
     p.add_argument("--save-png", metavar="DIR", help="write the chosen prediction of every image as a VOC palette PNG (default: none)")
     p.add_argument("--save-map", choices=("lam", "decoder", "cam", "aux_cam"), default="lam",
                    help="the prediction --save-png writes (default lam: the published 76.4 protocol)")
@@ -190,7 +195,9 @@ def _main(args) -> int:
                                              shuffle=False, num_workers=args.workers, collate_fn=collate_list)
         loader = skip_bad(loader, warn)  # a bad image: one line, and the rest evaluated
         executor = None
-        if args.crf and args.crf_workers > 0:
+        if args.crf and args.crf_workers > 0 and args.crf_backend != "pydensecrf":
+            warn(f"note: --crf-workers applies to --crf-backend pydensecrf; the lattice CRF runs on {device}")
+        if args.crf and args.crf_workers > 0 and args.crf_backend == "pydensecrf":
             from concurrent.futures import ProcessPoolExecutor
 
             executor = ProcessPoolExecutor(args.crf_workers)
@@ -198,7 +205,7 @@ def _main(args) -> int:
         try:
             results = evaluate_published(model, loader, device, crop, image_labels=args.image_labels, crf=args.crf,
                                          amp_dtype=amp, save=save, save_map=args.save_map, executor=executor,
-                                         decoder_protocol=args.decoder_protocol)
+                                         decoder_protocol=args.decoder_protocol, crf_backend=args.crf_backend)
         except RuntimeError as err:
             if "pydensecrf" in str(err):
                 print(f"error: {err}", file=sys.stderr)
