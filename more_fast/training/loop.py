@@ -35,7 +35,7 @@ from .config import RECIPES, TrainConfig
 from .data import build_dataset, eval_loader, resolve_data_root, train_loader
 from .evaluate import evaluate, format_table
 from .optim import build_optimizer, build_scheduler
-from .telemetry import format_eta, gpu_telemetry, peak_flops, step_flops
+from .telemetry import format_eta, gpu_telemetry, peak_flops
 
 TERMS = ("cls", "aux", "mct", "ptc", "cre", "ure", "seg", "reg")
 
@@ -423,9 +423,7 @@ class Trainer:
         self._bad_pending: Optional[str] = None
         loader = iter(train_loader(self.train_set, cfg, self.start_iter * cfg.batch_size, self.device,
                                    self.rank, self.world, on_bad))
-        m = self.model.encoder
-        flops = step_flops(cfg.crop_size, cfg.batch_size * self.world, m.embed_dim, len(m.blocks),
-                           m.num_prefix, cfg.num_classes, cfg.cam_scales, m.patch_size, cfg.decoder_dim)
+        flops = self.model.train_step_flops(cfg.crop_size, cfg.batch_size * self.world, cfg.cam_scales)
         peak = peak_flops(self.device)
         results: dict[str, float] = {}
         t_last, it_last, t_start = time.perf_counter(), self.start_iter, time.perf_counter()
