@@ -349,7 +349,7 @@ torch.library.register_autograd("more_fast::lir_loss", _backward, setup_context=
 
 
 # --------------------------------------------------------------------------------------------
-# Public function (inputs already validated by kernels.lir_loss)
+# Public entry (kernels.lir_loss checks the inputs)
 # --------------------------------------------------------------------------------------------
 def lir_loss(
     cls_tokens: torch.Tensor,
