@@ -26,10 +26,12 @@ from typing import Sequence
 
 import torch
 
+from . import _checks, reference
+
 __more_fast__ = True  # more_fast/_kernels_check.py reads this line to tell this package from PyPI's `kernels`
 
-from . import _checks, reference  # noqa: E402
-
+# plain imports, so that each public op below reads through to its kernels; triton is a Linux-only
+# dependency, and without it only the reference exists
 try:
     from . import affinity, attention, energy, gcr, lir, par
 except ModuleNotFoundError as err:

@@ -179,12 +179,10 @@ def aot_kernel(name: str, fn, args: dict, num_warps: int, num_stages: int, shape
     return KernelConfig(name, fn, signature, constexprs, num_warps, num_stages, shapes, attrs)
 
 
-def op_default(op: str, arg: str):
-    """The default of argument `arg` of the public op `kernels.<op>`, the one place the ops'
-    defaults are defined: what an op module's `aot_configs` compiles for unless told otherwise."""
-    import importlib
-
-    return inspect.signature(getattr(importlib.import_module(__package__), op)).parameters[arg].default
+def op_default(public_op, arg: str):
+    """The default of argument `arg` of a public op (kernels/__init__.py, the one place the ops'
+    defaults are defined): what an op module's `aot_configs` compiles for unless told otherwise."""
+    return inspect.signature(public_op).parameters[arg].default
 
 
 TL_DTYPE = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "fp64": "fp64"}

@@ -426,6 +426,7 @@ def aot_configs(case) -> list:
     """The kernels forward and backward launch for `case` (a kernels._launch.AotCase): contiguous
     B x N x D tokens of case.dtype, int64 labels, on a GPU of compute capability case.cc."""
     from ._launch import AOT_DEVICE as dev, DEFAULT_STAGES, TORCH_DTYPE, aot_kernel, op_default
+    from . import affinity_loss as public_op  # the package's function, where the defaults are
 
     b, n, d = case.B, case.N, case.D
     xp = "*" + case.dtype
@@ -439,7 +440,7 @@ def aot_configs(case) -> list:
     x = dict(sxb=n * d, sxn=d, sxd=1)
     lab = dict(slb=n, sln=1)
     shapes = f"B{b} N{n} D{d}"
-    ignore = op_default("affinity_loss", "ignore_index")
+    ignore = op_default(public_op, "ignore_index")
     rows = dict(R=b * n, N=n, D=d, **x, eps=NORM_EPS, BLOCK_R=rcfg["block_r"], BLOCK_D=rcfg["block_d"])
     return [
         aot_kernel("affinity_rownorm", _affinity_rownorm_kernel, dict(x_ptr=xp, rn_ptr="*fp32", **rows),

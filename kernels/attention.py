@@ -301,9 +301,10 @@ def aot_configs(case, registers: int = 4, reduce: str | None = None) -> list:
     prefix tokens, case.K class queries, the given reduce (default: the op's, the backbone's
     mean_softmax)."""
     from ._launch import AOT_DEVICE as dev, DEFAULT_STAGES, TORCH_DTYPE, aot_kernel, op_default
+    from . import class_patch_attention as public_op  # the package's function, where the defaults are
 
     if reduce is None:
-        reduce = op_default("class_patch_attention", "reduce")
+        reduce = op_default(public_op, "reduce")
 
     b, heads, t, ncls = case.B, case.heads, case.T, case.K
     d = case.D // heads

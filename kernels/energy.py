@@ -1,10 +1,12 @@
-"""Dense CRF energy E (L_reg = 1e-7 x 0.58 x E, the caller's) with the exact Gaussian, as two tensor-core dots per tile pair.
+"""Dense CRF energy E with the exact Gaussian, as two tensor-core dots per tile pair.
 
 Math, per image b, with pixel features f_p = (row_p / s_xy, col_p / s_xy, I_p / s_rgb):
 
     W_pq  = exp(-|f_p - f_q|^2 / 2)                 over all pixel pairs, p = q included
     AS_cp = gate_p * sum_q W_pq S_cq                 (fp32 accumulation)
     E     = -(1/B) sum_b sum_c sum_p S_cp AS_cp
+    L_reg = 1e-7 x 0.58 x E                          (the caller's, more_fast/losses.py; 0.58 the
+                                                      lattice gain, docs/METHOD.md, L_reg)
 
 Gradient (the published extension's choice, not the exact derivative): dE/dS = -2 AS / B;
 image and gate get none. The forward saves AS (B x C x H x W fp32) for the backward.

@@ -720,9 +720,10 @@ def aot_configs(case, score: str | None = None, topk_ratio: float = 0.5) -> list
     B x K x D heads and B x (K + N) x D nodes of case.dtype (the model's two projections),
     k = int(topk_ratio K) neighbours (the default recipe), the given score (default: the op's)."""
     from ._launch import AOT_DEVICE as dev, DEFAULT_STAGES, TORCH_DTYPE, aot_kernel, op_default
+    from . import gcr_aggregate as public_op  # the package's function, where the defaults are
 
     if score is None:
-        score = op_default("gcr_aggregate", "score")
+        score = op_default(public_op, "score")
 
     b, ncls, d = case.B, case.K, case.D
     nodes = ncls + case.N

@@ -336,11 +336,12 @@ def aot_configs(case, dilations: Sequence[int] | None = None, affinity_storage: 
     concatenates), contiguous, the given dilations and affinity storage (default: the op's, the
     training step's TrainConfig.par_affinity default too)."""
     from ._launch import DEFAULT_STAGES, aot_kernel, op_default
+    from . import par_refine as public_op  # the package's function, where the defaults are
 
     if dilations is None:
-        dilations = op_default("par_refine", "dilations")
+        dilations = op_default(public_op, "dilations")
     if affinity_storage is None:
-        affinity_storage = op_default("par_refine", "affinity_storage")
+        affinity_storage = op_default(public_op, "affinity_storage")
 
     b, h, w = case.B, case.H, case.W
     c = 2 * (case.K + 1)

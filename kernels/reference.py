@@ -4,8 +4,8 @@ Written for clarity, not speed (docs/METHOD.md gives the math). Nothing here che
 or supplies a default: the public ops (kernels/__init__.py) check them once and pass every
 argument, for this backend and the Triton one alike. Each function computes in float32 (float64
 when given float64, which is how the tests build their oracle), and returns losses in that
-compute dtype. Gradients come from autograd,
-except `dense_energy_loss`, whose gradient is the published extension's choice (docs/METHOD.md, Losses).
+compute dtype. Gradients come from autograd, except `dense_energy_loss`, whose gradient is the
+published extension's choice (docs/METHOD.md, Losses).
 """
 from __future__ import annotations
 
