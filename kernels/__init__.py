@@ -1,4 +1,11 @@
-"""The fused ops of more_fast, one public function each, dispatched by backend.
+"""The fused ops of more_fast: one public function each.
+
+Each public function below is the whole contract of its op in one place: its defaults (defined
+here only; `kernels.reference` and the Triton launchers take the values passed), one check of its
+inputs (kernels/_checks.py, the same for both backends), the backend, and a plain call of either
+the op module's entry (kernels/<op>.py: the Triton kernels, their launcher, the
+`more_fast::<op>` custom_op) or `kernels.reference` (the plain-PyTorch oracle, which checks
+nothing itself).
 
 Backend per call: the innermost active `use_backend(mode)` block, else `auto`. Modes:
 - `auto` (default): Triton on CUDA tensors, and on CPU tensors when `TRITON_INTERPRET=1`
@@ -6,15 +13,14 @@ Backend per call: the innermost active `use_backend(mode)` block, else `auto`. M
 - `triton`: always the Triton kernels (on the CPU this needs `TRITON_INTERPRET=1`, set before
   triton is imported);
 - `reference`: always `kernels.reference`.
-An op whose Triton module is not importable falls back to the reference under `auto` and
-raises under `triton`. Inputs are validated before dispatch, identically for both backends.
+Without triton (a Linux-only dependency) the op modules are not imported: `auto` runs the
+reference and `triton` raises NotImplementedError.
 The scripts' `--kernels` flag (default: env `MORE_FAST_KERNELS`, else auto) enters `use_backend`
 once per run; nothing here reads the environment.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 from typing import Sequence
 
@@ -24,33 +30,19 @@ from . import _checks, reference
 
 __more_fast__ = True  # more_fast/_kernels_check.py reads this line to tell this package from PyPI's `kernels`
 
+# plain imports, so that each public op below reads through to its kernels; triton is a Linux-only
+# dependency, and without it only the reference exists
+try:
+    from . import affinity, attention, energy, gcr, lir, par
+except ModuleNotFoundError as err:
+    if err.name != "triton":
+        raise
+    affinity = attention = energy = gcr = lir = par = None
+
 BACKENDS = ("auto", "triton", "reference")
-
-# op name -> module under kernels/ that holds its Triton implementation
-_TRITON_MODULES = {
-    "affinity_loss": "affinity",
-    "lir_loss": "lir",
-    "gcr_aggregate": "gcr",
-    "class_patch_attention": "attention",
-    "par_refine": "par",
-    "dense_energy_loss": "energy",
-}
-
-
-def _load_triton_ops() -> dict:
-    ops = {}
-    for op, module in _TRITON_MODULES.items():
-        try:
-            mod = importlib.import_module(f"{__name__}.{module}")
-        except ModuleNotFoundError as err:  # the op has no Triton implementation (yet)
-            if err.name in (f"{__name__}.{module}", "triton"):
-                continue
-            raise
-        ops[op] = getattr(mod, op)
-    return ops
-
-
-_TRITON_OPS = _load_triton_ops()
+OPS = ("affinity_loss", "lir_loss", "gcr_aggregate", "class_patch_attention", "par_refine", "dense_energy_loss")
+# every op has its Triton module: they load together, or (no triton) none does
+_TRITON_LOADED = affinity is not None
 
 
 # triton reads TRITON_INTERPRET once, when it is imported (above, through the op modules): so do we.
@@ -97,7 +89,8 @@ def backend_mode() -> str:
 
 
 def triton_available(op: str) -> bool:
-    return op in _TRITON_OPS
+    """Whether `op` (a name in OPS) has its Triton implementation loaded (triton is importable)."""
+    return _TRITON_LOADED and op in OPS
 
 
 def resolve_backend(op: str, device: torch.device) -> str:
@@ -107,8 +100,8 @@ def resolve_backend(op: str, device: torch.device) -> str:
         return "reference"
     runnable = device.type == "cuda" or interpreter_enabled()
     if mode == "auto":
-        return "triton" if runnable and op in _TRITON_OPS else "reference"
-    if op not in _TRITON_OPS:
+        return "triton" if runnable and triton_available(op) else "reference"
+    if not triton_available(op):
         raise NotImplementedError(f"{op}: no Triton implementation is available (backend 'triton')")
     if not runnable:
         raise RuntimeError(
@@ -122,7 +115,7 @@ def affinity_loss(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: int 
     """L_ptc (docs/METHOD.md, Losses): B x N x D tokens, B x N integer labels -> scalar loss."""
     _checks.check_affinity_loss(tokens, labels, ignore_index)
     if resolve_backend("affinity_loss", tokens.device) == "triton":
-        return _TRITON_OPS["affinity_loss"](tokens, labels, ignore_index)
+        return affinity.affinity_loss(tokens, labels, ignore_index)
     return reference.affinity_loss(tokens, labels, ignore_index)
 
 
@@ -136,7 +129,7 @@ def lir_loss(
     """L_cre (docs/METHOD.md, Losses): B x K x D, B x N x D, B x N labels, B x K {0,1} -> scalar loss."""
     _checks.check_lir_loss(cls_tokens, patch_tokens, labels, cls_labels, temperature)
     if resolve_backend("lir_loss", cls_tokens.device) == "triton":
-        return _TRITON_OPS["lir_loss"](cls_tokens, patch_tokens, labels, cls_labels, float(temperature))
+        return lir.lir_loss(cls_tokens, patch_tokens, labels, cls_labels, float(temperature))
     return reference.lir_loss(cls_tokens, patch_tokens, labels, cls_labels, temperature)
 
 
@@ -144,7 +137,7 @@ def gcr_aggregate(h: torch.Tensor, e: torch.Tensor, k: int, score: str = "publis
     """GCR aggregation (docs/METHOD.md, GCR): B x K x D heads, B x L x D nodes -> M, B x K x D."""
     _checks.check_gcr_aggregate(h, e, k, score)
     if resolve_backend("gcr_aggregate", h.device) == "triton":
-        return _TRITON_OPS["gcr_aggregate"](h, e, k, score)
+        return gcr.gcr_aggregate(h, e, k, score)
     return reference.gcr_aggregate(h, e, k, score)
 
 
@@ -154,7 +147,7 @@ def class_patch_attention(
     """Class-patch attention (docs/METHOD.md, Class-patch attention): B x heads x T x d queries and keys -> B x K x N."""
     _checks.check_class_patch_attention(q, k, num_prefix, num_cls, reduce)
     if resolve_backend("class_patch_attention", q.device) == "triton":
-        return _TRITON_OPS["class_patch_attention"](q, k, num_prefix, num_cls, reduce)
+        return attention.class_patch_attention(q, k, num_prefix, num_cls, reduce)
     return reference.class_patch_attention(q, k, num_prefix, num_cls, reduce)
 
 
@@ -168,17 +161,21 @@ def par_refine(
     to bf16: half their bytes, refined values within (1 +- 2^-8)^num_iter of fp32's)."""
     _checks.check_par_refine(image, masks, dilations, num_iter, affinity_storage)
     if resolve_backend("par_refine", image.device) == "triton":
-        return _TRITON_OPS["par_refine"](image, masks, list(dilations), num_iter, affinity_storage)
+        return par.par_refine(image, masks, list(dilations), num_iter, affinity_storage)
     return reference.par_refine(image, masks, dilations, num_iter, affinity_storage)
 
 
 def dense_energy_loss(
-    image: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, sigma_rgb: float = 15.0, sigma_xy: float = 50.0
+    image: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, sigma_rgb: float, sigma_xy: float
 ) -> torch.Tensor:
-    """Dense CRF energy E (docs/METHOD.md, L_reg; L_reg = 1e-7 x 0.58 x E): image, probs B x C x H x W, gate B x H x W."""
+    """Dense CRF energy E (docs/METHOD.md, L_reg; L_reg = 1e-7 x 0.58 x E is the caller's): image,
+    probs B x C x H x W, gate B x H x W.
+
+    No default sigmas: the caller scales sigma_xy with the image (more_fast/losses.py reg_loss:
+    100 x the downscale), so any fixed default would be wrong somewhere."""
     _checks.check_dense_energy_loss(image, probs, gate, sigma_rgb, sigma_xy)
     if resolve_backend("dense_energy_loss", image.device) == "triton":
-        return _TRITON_OPS["dense_energy_loss"](image, probs, gate, float(sigma_rgb), float(sigma_xy))
+        return energy.dense_energy_loss(image, probs, gate, float(sigma_rgb), float(sigma_xy))
     return reference.dense_energy_loss(image, probs, gate, sigma_rgb, sigma_xy)
 
 
@@ -196,4 +193,5 @@ __all__ = [
     "interpreter_enabled",
     "triton_available",
     "BACKENDS",
+    "OPS",
 ]

@@ -1,7 +1,8 @@
-"""Input validation shared by the reference and the Triton backends.
+"""Input validation of the public ops (kernels/__init__.py), for both backends.
 
-Every public op calls its `check_*` function before dispatching, so both backends reject the
-same inputs with the same message. Checks look at metadata only (shape, dtype, device): a value
+Every public op calls its `check_*` function once, before dispatching, so both backends reject
+the same inputs with the same message; neither `kernels.reference` nor the Triton launchers
+check again. Checks look at metadata only (shape, dtype, device): a value
 check would force a host-device synchronization inside the training step.
 """
 from __future__ import annotations
@@ -145,7 +146,7 @@ def non_empty_image(name: str, image: torch.Tensor) -> None:
 PAR_AFFINITY_STORAGE = ("fp32", "bf16")
 
 
-def check_par_refine(image, masks, dilations, num_iter, affinity_storage="fp32") -> None:
+def check_par_refine(image, masks, dilations, num_iter, affinity_storage) -> None:
     tensor("image", image, 4, FLOAT_DTYPES, "B x 3 x H x W")
     tensor("masks", masks, 4, FLOAT_DTYPES, "B x C x H x W")
     non_empty_image("image", image)

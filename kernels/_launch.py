@@ -179,6 +179,12 @@ def aot_kernel(name: str, fn, args: dict, num_warps: int, num_stages: int, shape
     return KernelConfig(name, fn, signature, constexprs, num_warps, num_stages, shapes, attrs)
 
 
+def op_default(public_op, arg: str):
+    """The default of argument `arg` of a public op (kernels/__init__.py, the one place the ops'
+    defaults are defined): what an op module's `aot_configs` compiles for unless told otherwise."""
+    return inspect.signature(public_op).parameters[arg].default
+
+
 TL_DTYPE = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "fp64": "fp64"}
 TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 AOT_DEVICE = torch.device("cuda")  # a device object only: nothing runs on it

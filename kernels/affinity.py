@@ -274,14 +274,12 @@ def _fwd_config(device: torch.device, n: int, d: int, dtype: torch.dtype | None 
     return dict(block=_pow2_clamp(n, 16, 256), block_d=_pow2_clamp(d, 16, 256), num_warps=4, num_stages=1)
 
 
-def _bwd_config(device: torch.device, b: int, n: int, d: int, dtype: torch.dtype | None = None,
-                cc: int | None = None, sms: int | None = None) -> dict:
-    """Block sizes of the backward (tests override this). The same for every GPU model (dtype,
-    cc and sms are accepted and unused: no SM-count split), so the backward's summation order is
-    the same on any GPU. 64 x 32 tiles, 16-wide S chunks, 128-wide dx chunks, 8 warps: the largest that
-    ptxas compiles without spills for sm_80 and sm_90 with triton 3.6 and 3.8 (contiguous
-    tokens; 64 x 64 tiles or 256-wide chunks spill). At D = 768 each S tile is recomputed for 6
-    dx chunks. A "split" key (the previous column split) is ignored."""
+def _bwd_config(device: torch.device, n: int, d: int) -> dict:
+    """Block sizes of the backward (tests override this). The same for every GPU model and dtype
+    (no SM-count split), so the backward's summation order is the same on any GPU. 64 x 32
+    tiles, 16-wide S chunks, 128-wide dx chunks, 8 warps: the largest that ptxas compiles
+    without spills for sm_80 and sm_90 with triton 3.6 and 3.8 (contiguous tokens; 64 x 64
+    tiles or 256-wide chunks spill). At D = 768 each S tile is recomputed for 6 dx chunks."""
     if device.type == "cuda":
         return dict(block_m=64, block_n=32, block_d=16, block_do=128, num_warps=8, num_stages=2)
     block, block_d = _pow2_clamp(n, 16, 256), _pow2_clamp(d, 16, 256)
@@ -342,7 +340,7 @@ def _affinity_backward(grad: torch.Tensor, tokens: torch.Tensor, labels: torch.T
     """dL/dtokens (contiguous, the dtype of tokens) for the upstream scalar gradient `grad`."""
     b, n, d = tokens.shape
     dev = tokens.device
-    cfg = _bwd_config(dev, b, n, d, dtype=tokens.dtype)
+    cfg = _bwd_config(dev, n, d)
     upcast, prec = _dot_config(tokens.dtype, dev, F32_DOT)
     dx = torch.empty((b, n, d), dtype=tokens.dtype, device=dev)
     if dx.numel() == 0:
@@ -414,9 +412,9 @@ torch.library.register_autograd("more_fast::affinity_loss", _backward, setup_con
 
 
 # --------------------------------------------------------------------------------------------
-# Public function (inputs already validated by kernels.affinity_loss)
+# Public entry (kernels.affinity_loss checks the inputs and supplies the default)
 # --------------------------------------------------------------------------------------------
-def affinity_loss(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+def affinity_loss(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """L_ptc (docs/METHOD.md, Losses) of B x N x D tokens and B x N integer labels: an fp32 scalar."""
     return _affinity_loss_op(tokens, labels, int(ignore_index))[0]
 
@@ -427,7 +425,8 @@ def affinity_loss(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: int 
 def aot_configs(case) -> list:
     """The kernels forward and backward launch for `case` (a kernels._launch.AotCase): contiguous
     B x N x D tokens of case.dtype, int64 labels, on a GPU of compute capability case.cc."""
-    from ._launch import AOT_DEVICE as dev, DEFAULT_STAGES, TORCH_DTYPE, aot_kernel
+    from ._launch import AOT_DEVICE as dev, DEFAULT_STAGES, TORCH_DTYPE, aot_kernel, op_default
+    from . import affinity_loss as public_op  # the package's function, where the defaults are
 
     b, n, d = case.B, case.N, case.D
     xp = "*" + case.dtype
@@ -435,19 +434,20 @@ def aot_configs(case) -> list:
     prec_f32 = _dot_config(torch.float32, dev, F32_DOT, cuda=True)[1]
     dtype = TORCH_DTYPE[case.dtype]
     fcfg, rcfg = _fwd_config(dev, n, d, dtype=dtype, cc=case.cc), _rows_config(dev)
-    bcfg = _bwd_config(dev, b, n, d, dtype=dtype, cc=case.cc)
+    bcfg = _bwd_config(dev, n, d)
     t = triton.cdiv(n, fcfg["block"])
     n_tiles = t * (t + 1) // 2
     x = dict(sxb=n * d, sxn=d, sxd=1)
     lab = dict(slb=n, sln=1)
     shapes = f"B{b} N{n} D{d}"
+    ignore = op_default(public_op, "ignore_index")
     rows = dict(R=b * n, N=n, D=d, **x, eps=NORM_EPS, BLOCK_R=rcfg["block_r"], BLOCK_D=rcfg["block_d"])
     return [
         aot_kernel("affinity_rownorm", _affinity_rownorm_kernel, dict(x_ptr=xp, rn_ptr="*fp32", **rows),
                    rcfg["num_warps"], DEFAULT_STAGES, shapes),
         aot_kernel("affinity_fwd", _affinity_fwd_kernel, dict(
             x_ptr=xp, lab_ptr="*i64", rn_ptr="*fp32", tiles_ptr="*i32", psum_ptr="*fp32", pcnt_ptr="*i32", N=n, D=d,
-            ignore_index=255,
+            ignore_index=ignore,
             **x, **lab, BLOCK=fcfg["block"], BLOCK_D=fcfg["block_d"], UPCAST=upcast, DOT_PREC=prec,
         ), fcfg["num_warps"], fcfg["num_stages"], shapes),
         aot_kernel("affinity_finalize", _affinity_finalize_kernel, dict(
@@ -456,7 +456,7 @@ def aot_configs(case) -> list:
         ), _FINALIZE["num_warps"], DEFAULT_STAGES, shapes),
         aot_kernel("affinity_bwd", _affinity_bwd_kernel, dict(
             x_ptr=xp, lab_ptr="*i64", rn_ptr="*fp32", coef_ptr="*fp32", gout_ptr="*fp32", dx_ptr=xp,
-            N=n, D=d, ignore_index=255, **x, **lab, eps=NORM_EPS,
+            N=n, D=d, ignore_index=ignore, **x, **lab, eps=NORM_EPS,
             BLOCK_M=bcfg["block_m"], BLOCK_N=bcfg["block_n"], BLOCK_D=bcfg["block_d"], BLOCK_DO=bcfg["block_do"],
             UPCAST=upcast, DOT_PREC=prec, DOT_PREC_F32=prec_f32,
         ), bcfg["num_warps"], bcfg["num_stages"], shapes),

@@ -58,7 +58,6 @@ from ._launch import device_ctx as _device_ctx, dot_config as _dot_config
 # and the op does 2 d flops per key it loads: its cost is reading the keys, not the dot
 F32_DOT = "ieee"
 _LOG2E = 1.4426950408889634
-_REDUCES = ("mean_softmax", "sum_logits")
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,15 +276,15 @@ torch.library.register_autograd(
 
 
 # --------------------------------------------------------------------------------------------
-# Public function (inputs already validated by kernels.class_patch_attention)
+# Public entry (kernels.class_patch_attention checks the inputs and supplies the default)
 # --------------------------------------------------------------------------------------------
 def class_patch_attention(
-    q: torch.Tensor, k: torch.Tensor, num_prefix: int, num_cls: int, reduce: str = "mean_softmax"
+    q: torch.Tensor, k: torch.Tensor, num_prefix: int, num_cls: int, reduce: str
 ) -> torch.Tensor:
     """Head-reduced attention of the class queries over the patch keys: B x K x N fp32.
 
     q, k: B x heads x T x d (same shape and dtype, any strides); class rows
-    num_prefix .. num_prefix + num_cls - 1, patch keys after them. reduce="mean_softmax": mean
+    num_prefix .. num_prefix + num_cls - 1, patch keys after them. reduce "mean_softmax": mean
     over heads of softmax(q k^T / sqrt(d)) normalized over all T keys; "sum_logits": sum over
     heads of the raw q.k. The result never requires grad (a diagnostic); fp64 inputs give the
     fp64 reference result.
@@ -296,11 +295,16 @@ def class_patch_attention(
 # --------------------------------------------------------------------------------------------
 # Ahead-of-time configurations (scripts/aot_report.py)
 # --------------------------------------------------------------------------------------------
-def aot_configs(case, registers: int = 4, reduce: str = "mean_softmax") -> list:
+def aot_configs(case, registers: int = 4, reduce: str | None = None) -> list:
     """The kernels the op launches for `case` (a kernels._launch.AotCase): q and k of case.dtype
     as timm's attention slices them from qkv (B x T x 3 x heads x d, permuted), `registers`
-    prefix tokens, case.K class queries, the backbone's mean_softmax reduce."""
-    from ._launch import AOT_DEVICE as dev, DEFAULT_STAGES, TORCH_DTYPE, aot_kernel
+    prefix tokens, case.K class queries, the given reduce (default: the op's, the backbone's
+    mean_softmax)."""
+    from ._launch import AOT_DEVICE as dev, DEFAULT_STAGES, TORCH_DTYPE, aot_kernel, op_default
+    from . import class_patch_attention as public_op  # the package's function, where the defaults are
+
+    if reduce is None:
+        reduce = op_default(public_op, "reduce")
 
     b, heads, t, ncls = case.B, case.heads, case.T, case.K
     d = case.D // heads

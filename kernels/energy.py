@@ -1,10 +1,12 @@
-"""Dense CRF energy (L_reg = 1e-7 E) with the exact Gaussian, as two tensor-core dots per tile pair.
+"""Dense CRF energy E with the exact Gaussian, as two tensor-core dots per tile pair.
 
 Math, per image b, with pixel features f_p = (row_p / s_xy, col_p / s_xy, I_p / s_rgb):
 
     W_pq  = exp(-|f_p - f_q|^2 / 2)                 over all pixel pairs, p = q included
     AS_cp = gate_p * sum_q W_pq S_cq                 (fp32 accumulation)
     E     = -(1/B) sum_b sum_c sum_p S_cp AS_cp
+    L_reg = 1e-7 x 0.58 x E                          (the caller's, more_fast/losses.py; 0.58 the
+                                                      lattice gain, docs/METHOD.md, L_reg)
 
 Gradient (the published extension's choice, not the exact derivative): dE/dS = -2 AS / B;
 image and gate get none. The forward saves AS (B x C x H x W fp32) for the backward.
@@ -442,12 +444,12 @@ torch.library.register_autograd("more_fast::dense_energy_loss", _backward, setup
 
 
 # --------------------------------------------------------------------------------------------
-# Public function
+# Public entry (kernels.dense_energy_loss checks the inputs)
 # --------------------------------------------------------------------------------------------
 def dense_energy_loss(
-    image: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, sigma_rgb: float = 15.0, sigma_xy: float = 50.0
+    image: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, sigma_rgb: float, sigma_xy: float
 ) -> torch.Tensor:
-    """E (fp32 scalar; L_reg = 1e-7 E is the caller's), inputs already validated.
+    """E (fp32 scalar; L_reg = 1e-7 x 0.58 x E, the lattice gain included, is the caller's).
 
     Gradient: dE/dprobs = -2 AS / B (published choice); image and gate get none.
     """

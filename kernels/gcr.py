@@ -14,25 +14,9 @@ For one image b and one class row i (h_i in R^D), over the L = K + N nodes e_l i
     a     = softmax_j(s)
     M_i   = sum_j a_j Nb_j
 
-Gradient (derived by hand; the tests check it against the reference's autograd in float64).
-Given dM = dL/dM_i:
-
-    da_j  = <dM, Nb_j>
-    ds_j  = a_j (da_j - sum_l a_l da_l)                           softmax backward
-    dg_j  = ds_j S_j 1          (published: dG_j = ds_j S_j, spread over d)
-          = ds_j Nb_j           (dot)
-    du_j  = dg_j * (1 - g_j^2)                                    tanh backward
-    dp_j  = <du_j, Nb_j - h_i>                                    u_j = (2 - p_j) h_i + p_j Nb_j
-    dw_j  = p_j (dp_j - sum_l p_l dp_l)                           softmax backward
-    dA_{i, idx_j} = dw_j                                          (0 off the top-k)
-
-    dh_i  = sum_j (2 - p_j) du_j + (1/sqrt(D)) sum_j dw_j Nb_j
-    dNb_j = a_j dM + p_j du_j + (published: ds_j G_j 1 ; dot: ds_j g_j)
-    de_l  = sum over the (i, j) with idx_ij = l of  C_ij,
-            C_ij = dNb_ij + (dw_ij / sqrt(D)) h_i
-
-so e's gradient lands only on selected rows (one class row selects a node at most once, so a
-node collects at most K terms).
+Backward (by hand, checked against the reference's autograd in float64): dh comes from
+`_gcr_backward_rows_kernel`, de from `_gcr_backward_nodes_kernel`; each kernel's docstring and
+passes carry the equations they compute. e's gradient lands only on the selected rows.
 
 Kernels (no B x K x k x D or B x K x L x D tensor exists, forward or backward):
 1. `_gcr_logits_kernel`, grid (B, cdiv(K, BLOCK_M), cdiv(L, BLOCK_N)): A = h e^T / sqrt(D)
@@ -80,10 +64,8 @@ dtype. tl.dot (kernels/_launch.py, the precision policy): fp16 / bf16 tiles go i
 on CUDA (exact products, fp32 accumulation); fp32 tiles use "ieee" (F32_DOT: no TF32 rounding,
 which would change the selected neighbours against the reference); fp64 tiles "ieee" in fp64;
 the node kernel's one-hot scatter is an "ieee" dot in the compute dtype (exact).
-tanh is written with tl.exp (no libdevice). The two softmax backwards use the pairwise form
-ds_j = a_j sum_l a_l (da_j - da_l) (same for dw with p, dp) instead of a_j (da_j - <a, da>):
-with a peaked a, <a, da> nearly equals da_j and the subtraction cancels (measured: 5-7x less dh
-error than the fp32 reference's autograd). What remains in fp32 is conditioning: a = softmax(s)
+tanh is written with tl.exp (no libdevice). The softmax backwards take a pairwise form
+(`_gcr_backward_rows_kernel`). What remains in fp32 is conditioning: a = softmax(s)
 turns the rounding of s (~1e-7 |s|) into relative error of the small a_j, which dh is made
 of, so fp32 gradients are good to ~1e-7 max|s| (|s| reaches 100+ in the "published" mode at
 D = 768 with unit-scale features). Strides: any strides for h, e and the incoming
@@ -104,7 +86,6 @@ import triton.language as tl
 
 from ._launch import device_ctx as _device_ctx, dot_config as _dot_config, interpreted as _launch_interpreted
 
-_SCORES = ("published", "dot")
 # fp32 inputs (kernels/_launch.py, the precision policy): exact fp32 products for the logits,
 # whose top-k picks the neighbours (a rounding-level change flips a near tie against the
 # reference's choice); the logits product is small (K x L x D per image)
@@ -302,15 +283,14 @@ def _gcr_backward_rows_kernel(
     KPAD: tl.constexpr, BLOCK_D: tl.constexpr,
     PUBLISHED: tl.constexpr, CDT: tl.constexpr,
 ):
-    """Backward of one class row (b, i), given dM = dm[b, i] (module docstring for the math).
+    """Backward of one class row (b, i), given dM = dm[b, i]: dh_i (stored in h's dtype) and the
+    per-edge scalars ds, dw (and S, G for "published") that the node kernel needs for de.
 
-    pass 1: da_j = <dM, Nb_j>, and (published) S_j, G_j  ->  ds_j = a_j sum_l a_l (da_j - da_l)
-    pass 2: du_j = dg_j (1 - g_j^2), dp_j = <du_j, Nb_j - h_i>  ->  dw_j = p_j sum_l p_l (dp_j - dp_l)
-    (the pairwise [KPAD, KPAD] form of the softmax backward: no cancellation when a or p is
-    peaked)
-    pass 3: dh_i = sum_j (2 - p_j) du_j + sum_j (dw_j / sqrt(D)) Nb_j   (stored, h's dtype)
-    g and du are recomputed in each pass (nothing of size k x D is kept). Writes the per-edge
-    scalars ds, dw (and S, G for "published") that the node kernel needs for de."""
+    Three passes over D chunks (each pass's equations sit above it); g and du are recomputed in
+    each pass, so nothing of size k x D is kept. Both softmax backwards take the pairwise
+    [KPAD, KPAD] form ds_j = a_j sum_l a_l (da_j - da_l) instead of a_j (da_j - <a, da>): with a
+    peaked a, <a, da> nearly equals da_j and the subtraction cancels (measured: 5-7x less dh
+    error than the fp32 reference's autograd)."""
     pid = tl.program_id(0)
     b = (pid // K).to(tl.int64)
     i = (pid % K).to(tl.int64)
@@ -327,6 +307,9 @@ def _gcr_backward_rows_kernel(
     p_col = p[:, None]
 
     # ---- pass 1: da, S, G -> ds
+    #   da_j = <dM, Nb_j>                                  (M_i = sum_j a_j Nb_j)
+    #   ds_j = a_j (da_j - sum_l a_l da_l)                 (a = softmax(s); pairwise form below)
+    #   published: S_j = sum_d Nb_j[d], G_j = sum_d g_j[d] (s_j = S_j G_j, needed for dg)
     da = tl.zeros([KPAD], dtype=CDT)
     s_nb = tl.zeros([KPAD], dtype=CDT)
     s_g = tl.zeros([KPAD], dtype=CDT)
@@ -348,10 +331,14 @@ def _gcr_backward_rows_kernel(
     s_nb = tl.where(valid, s_nb, 0.0)
     s_g = tl.where(valid, s_g, 0.0)
     ds = att * tl.sum(att[None, :] * (da[:, None] - da[None, :]), axis=1)
+    # dg_j = ds_j S_j 1 (published: dG_j = ds_j S_j, spread over d), ds_j Nb_j (dot)
     ds_col = ds[:, None]
-    dgs_col = (ds * s_nb)[:, None]  # published: dG_j = ds_j S_j
+    dgs_col = (ds * s_nb)[:, None]
 
     # ---- pass 2: du -> dp -> dw
+    #   du_j = dg_j * (1 - g_j^2)                          (g_j = tanh(u_j))
+    #   dp_j = <du_j, Nb_j - h_i>                          (u_j = (2 - p_j) h_i + p_j Nb_j)
+    #   dw_j = p_j (dp_j - sum_l p_l dp_l)                 (p = softmax(w); pairwise form below)
     dp = tl.zeros([KPAD], dtype=CDT)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
@@ -372,6 +359,8 @@ def _gcr_backward_rows_kernel(
     dwn_col = (dw / sqrt_d)[:, None]
 
     # ---- pass 3: dh
+    #   dA_{i, idx_j} = dw_j (0 off the top-k), A_il = <h_i, e_l> / sqrt(D), so
+    #   dh_i = sum_j (2 - p_j) du_j + (1/sqrt(D)) sum_j dw_j Nb_j
     dh_row = dh_ptr + b * s_db + i * s_dk
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
@@ -408,9 +397,14 @@ def _gcr_backward_nodes_kernel(
 ):
     """de[b, l, d0:d0 + BLOCK_D]: row l sums C_ij over the edges (i, j) with idx_ij = l,
 
-        C_ij = a_ij dM_i + (dw_ij / sqrt(D)) h_i + p_ij du_ij + (published: ds_ij G_ij 1 ;
-               dot: ds_ij g_ij),   du_ij = (published: ds_ij S_ij ; dot: ds_ij e_l) (1 - g_ij^2),
-        g_ij = tanh((2 - p_ij) h_i + p_ij e_l).
+        dNb_ij = a_ij dM_i + p_ij du_ij + (published: ds_ij G_ij 1 ; dot: ds_ij g_ij)
+        C_ij   = dNb_ij + (dw_ij / sqrt(D)) h_i            (Nb_ij = e_l, and dA_{i, l} = dw_ij)
+               = a_ij dM_i + (dw_ij / sqrt(D)) h_i + p_ij du_ij + (published: ds_ij G_ij 1 ;
+                 dot: ds_ij g_ij),   du_ij = (published: ds_ij S_ij ; dot: ds_ij e_l) (1 - g_ij^2),
+        g_ij = tanh((2 - p_ij) h_i + p_ij e_l),
+
+    with ds, dw, S, G from `_gcr_backward_rows_kernel`. One class row selects a node at most
+    once, so a node collects at most K terms.
 
     Grid (D chunks, NCH edge chunks + cdiv(L, ZROWS) zero-row blocks, B). The work follows the
     EDGES, not the node rows, so it stays balanced whatever the edge distribution (at the start
@@ -707,27 +701,29 @@ torch.library.register_autograd(
 
 
 # --------------------------------------------------------------------------------------------
-# Public function (inputs already validated by kernels.gcr_aggregate)
+# Public entry (kernels.gcr_aggregate checks the inputs and supplies the default)
 # --------------------------------------------------------------------------------------------
-def gcr_aggregate(h: torch.Tensor, e: torch.Tensor, k: int, score: str = "published") -> torch.Tensor:
+def gcr_aggregate(h: torch.Tensor, e: torch.Tensor, k: int, score: str) -> torch.Tensor:
     """M = GCR aggregation of the class heads h (B x K x D) over the nodes e (B x L x D).
 
     Top-k (k neighbours per class row) of A = h e^T / sqrt(D), then the gated, score-weighted
     mean of the neighbour rows (module docstring). Returns M (B x K x D) in h's dtype;
     differentiable in h and e (deterministic backward)."""
-    if score not in _SCORES:
-        raise ValueError(f"score: expected one of {_SCORES}, got {score!r}")
     return _gcr_aggregate_op(h, e, int(k), str(score))[0]
 
 
 # --------------------------------------------------------------------------------------------
 # Ahead-of-time configurations (scripts/aot_report.py)
 # --------------------------------------------------------------------------------------------
-def aot_configs(case, score: str = "published", topk_ratio: float = 0.5) -> list:
+def aot_configs(case, score: str | None = None, topk_ratio: float = 0.5) -> list:
     """The kernels forward and backward launch for `case` (a kernels._launch.AotCase): contiguous
     B x K x D heads and B x (K + N) x D nodes of case.dtype (the model's two projections),
-    k = int(topk_ratio K) neighbours (the default recipe), the given score."""
-    from ._launch import AOT_DEVICE as dev, DEFAULT_STAGES, TORCH_DTYPE, aot_kernel
+    k = int(topk_ratio K) neighbours (the default recipe), the given score (default: the op's)."""
+    from ._launch import AOT_DEVICE as dev, DEFAULT_STAGES, TORCH_DTYPE, aot_kernel, op_default
+    from . import gcr_aggregate as public_op  # the package's function, where the defaults are
+
+    if score is None:
+        score = op_default(public_op, "score")
 
     b, ncls, d = case.B, case.K, case.D
     nodes = ncls + case.N

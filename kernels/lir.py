@@ -6,11 +6,8 @@
     nll_c = mean over {n : label_n = c + 1} of (lse_c - z_cn) = lse_c - Z_c / cnt_c   (0 if cnt_c = 0)
     L     = (1 / B) sum_b sum_c [cls_labels_bc != 0] nll_bc
 
-Gradient (q only; the patch tokens are detached, docs/METHOD.md, Losses), with u_bc = present and cnt > 0:
-    e_cn      = g (u / B) (softmax_n(z_c)_n - [label_n = c + 1] / cnt_c)      (= g dL/dz_cn)
-    dL/dqn_c  = (1 / t) sum_n e_cn p_n
-    <qn_c, dL/dqn_c> = sum_n e_cn z_cn = sum_n e_cn (z_cn - lse_c)      (sum_n e_cn = 0)
-    dL/dq_c   = rq (dL/dqn_c - [||q_c|| >= eps] rq q_c <qn_c, dL/dqn_c>),  rq = 1 / max(||q_c||, eps)
+Gradient: the class tokens' only (the patch tokens are detached, docs/METHOD.md, Losses); its
+equations are in `_lir_bwd_kernel`, beside the lines that compute them.
 
 Forward (2 launches):
 1. `_lir_logits_kernel`, grid (T, cdiv(K, BLOCK_K), B) over N tiles: z for a class block and
@@ -155,9 +152,14 @@ def _lir_bwd_kernel(
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DO: tl.constexpr, BLOCK_DQ: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """dL/dq for one D slice of a class block:
-    e = g w (softmax(z) - member / cnt); G = (1/t) sum_n e p_n; proj = sum_n e z;
-    dq = rq G - [||q|| >= eps] rq^2 proj q (contiguous B x K x D, the dtype of q)."""
+    """dL/dq for one D slice of a class block (contiguous B x K x D, the dtype of q). With
+    g the upstream gradient, u_bc = [present and cnt_bc > 0] and w = u / B (aux, saved):
+
+        e_cn      = g w_c (softmax_n(z_c)_n - [label_n = c + 1] / cnt_c)      (= g dL/dz_cn)
+        dL/dqn_c  = (1 / t) sum_n e_cn p_n                                    (`acc` inv_t)
+        <qn_c, dL/dqn_c> = sum_n e_cn z_cn = sum_n e_cn (z_cn - lse_c)        (`proj`; sum_n e_cn = 0)
+        dL/dq_c   = rq (dL/dqn_c - [||q_c|| >= eps] rq q_c <qn_c, dL/dqn_c>),  rq = 1 / max(||q_c||, eps)
+    """
     ds = tl.program_id(0)
     kb = tl.program_id(1)
     b = tl.program_id(2)
@@ -349,7 +351,7 @@ torch.library.register_autograd("more_fast::lir_loss", _backward, setup_context=
 
 
 # --------------------------------------------------------------------------------------------
-# Public function (inputs already validated by kernels.lir_loss)
+# Public entry (kernels.lir_loss checks the inputs)
 # --------------------------------------------------------------------------------------------
 def lir_loss(
     cls_tokens: torch.Tensor,

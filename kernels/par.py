@@ -178,12 +178,10 @@ def _par_step_kernel(
 _AFF_BLOCK_P = 32
 _STEP_BLOCK_P = 128
 _AFFINITY_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-# What `aot_configs` compiles: the training step's storage (TrainConfig.par_affinity), fp32 by default.
-# bf16 halves the bytes the J-neighbour weights cost per iteration. Each stored weight is then the
-# fp32 value times (1 + d), |d| <= 2^-8, and weights and masks are >= 0, so after n iterations every
-# refined value lies within [(1 - 2^-8)^n, (1 + 2^-8)^n] times its fp32 value (up to fp32
-# summation): about +-4% at the default n = 10, 3.9e-3 relative on VOC-like maps.
-_DEFAULT_AFFINITY = "fp32"
+# bf16 storage halves the bytes the J-neighbour weights cost per iteration. Each stored weight is
+# then the fp32 value times (1 + d), |d| <= 2^-8, and weights and masks are >= 0, so after n
+# iterations every refined value lies within [(1 - 2^-8)^n, (1 + 2^-8)^n] times its fp32 value (up
+# to fp32 summation): about +-4% at n = 10, 3.9e-3 relative on VOC-like maps.
 
 
 def _offsets(dilations: Sequence[int]) -> list[tuple[int, int]]:
@@ -315,13 +313,12 @@ def _(image, masks, dilations, num_iter, affinity_storage):
 
 
 # --------------------------------------------------------------------------------------------
-# Public function
+# Public entry (kernels.par_refine checks the inputs and supplies the defaults)
 # --------------------------------------------------------------------------------------------
 def par_refine(
-    image: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), num_iter: int = 10,
-    affinity_storage: str = "fp32",
+    image: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int], num_iter: int, affinity_storage: str
 ) -> torch.Tensor:
-    """Refined masks, B x C x H x W fp32 (inputs already validated by kernels._checks).
+    """Refined masks, B x C x H x W fp32.
 
     The outputs carry no gradient: the inputs are detached (PAR only makes pseudo labels).
     Concatenate several mask sets of the same images along C to refine them in one call; the
@@ -333,18 +330,24 @@ def par_refine(
 # --------------------------------------------------------------------------------------------
 # Ahead-of-time configurations (scripts/aot_report.py)
 # --------------------------------------------------------------------------------------------
-def aot_configs(case, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24)) -> list:
+def aot_configs(case, dilations: Sequence[int] | None = None, affinity_storage: str | None = None) -> list:
     """The kernels `par_refine` launches for `case` (a kernels._launch.AotCase): the fp32 image at
     case.H x case.W and 2 (K + 1) mask channels (the two background-threshold sets the caller
-    concatenates), contiguous, the default dilations, the affinity in its default storage dtype
-    (fp32)."""
-    from ._launch import DEFAULT_STAGES, aot_kernel
+    concatenates), contiguous, the given dilations and affinity storage (default: the op's, the
+    training step's TrainConfig.par_affinity default too)."""
+    from ._launch import DEFAULT_STAGES, aot_kernel, op_default
+    from . import par_refine as public_op  # the package's function, where the defaults are
+
+    if dilations is None:
+        dilations = op_default(public_op, "dilations")
+    if affinity_storage is None:
+        affinity_storage = op_default(public_op, "affinity_storage")
 
     b, h, w = case.B, case.H, case.W
     c = 2 * (case.K + 1)
     dil = tuple(int(d) for d in dilations)
     dy, dx = _offset_tables(dil)
-    aff_ty = "*" + _DEFAULT_AFFINITY
+    aff_ty = "*" + affinity_storage
     shapes = f"B{b} C{c} {h}x{w} J{len(dy)}"
     block_j, aff_block_p, aff_warps = _affinity_config(len(dy))
     block_c, block_p, warps = _step_config(c)

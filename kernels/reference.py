@@ -1,9 +1,11 @@
 """Plain PyTorch of every fused op: the oracle for tests and benchmarks.
 
-Written for clarity, not speed (docs/METHOD.md gives the math). Each function validates its inputs
-like the fused op, computes in float32 (float64 when given float64, which is how the tests
-build their oracle), and returns losses in that compute dtype. Gradients come from autograd,
-except `dense_energy_loss`, whose gradient is the published extension's choice (docs/METHOD.md, Losses).
+Written for clarity, not speed (docs/METHOD.md gives the math). Nothing here checks its inputs
+or supplies a default: the public ops (kernels/__init__.py) check them once and pass every
+argument, for this backend and the Triton one alike. Each function computes in float32 (float64
+when given float64, which is how the tests build their oracle), and returns losses in that
+compute dtype. Gradients come from autograd, except `dense_energy_loss`, whose gradient is the
+published extension's choice (docs/METHOD.md, Losses).
 """
 from __future__ import annotations
 
@@ -12,8 +14,6 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-
-from . import _checks
 
 __all__ = [
     "affinity_loss",
@@ -33,13 +33,12 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 # L_ptc: CAM-affinity consistency (docs/METHOD.md, Losses)
 # --------------------------------------------------------------------------------------------
-def affinity_loss(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+def affinity_loss(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """0.5 (1 - S_pos / (n_pos + 1)) + 0.5 S_neg / (n_neg + 1) over pairs i != j of one image.
 
     c_ij = |cos(tokens_i, tokens_j)|; a pair counts when both labels differ from ignore_index;
     it is positive when the labels agree. Sums and counts run over all images together.
     """
-    _checks.check_affinity_loss(tokens, labels, ignore_index)
     x = F.normalize(tokens.to(_compute_dtype(tokens)), dim=-1, eps=1e-8)  # B x N x D
     cos = (x @ x.transpose(1, 2)).abs()  # B x N x N
     lab = labels.long()
@@ -71,7 +70,6 @@ def lir_loss(
     normalized. A class with no patch of its label contributes 0. Computed as a log-softmax so
     that large logits do not overflow.
     """
-    _checks.check_lir_loss(cls_tokens, patch_tokens, labels, cls_labels, temperature)
     ct = _compute_dtype(cls_tokens)
     q = F.normalize(cls_tokens.to(ct), dim=-1)  # B x K x D
     p = patch_tokens.detach().to(ct)  # B x N x D
@@ -89,14 +87,13 @@ def lir_loss(
 # --------------------------------------------------------------------------------------------
 # GCR aggregation, docs/METHOD.md, GCR
 # --------------------------------------------------------------------------------------------
-def gcr_aggregate(h: torch.Tensor, e: torch.Tensor, k: int, score: str = "published") -> torch.Tensor:
+def gcr_aggregate(h: torch.Tensor, e: torch.Tensor, k: int, score: str) -> torch.Tensor:
     """M_i = sum_j a_ij Nb_ij over the top-k nodes of A = h e^T / sqrt(D).
 
     p = softmax(top-k values); R = (1 - p) h_i + p Nb; g = tanh(h_i + R);
     s = sum_d(Nb) * sum_d(g) ("published") or <Nb, g> ("dot"); a = softmax(s).
     Returns M (B x K x D) in h's dtype.
     """
-    _checks.check_gcr_aggregate(h, e, k, score)
     ct = _compute_dtype(h)
     hh, ee = h.to(ct), e.to(ct)
     b, _, d = hh.shape
@@ -121,7 +118,7 @@ def gcr_aggregate(h: torch.Tensor, e: torch.Tensor, k: int, score: str = "publis
 # Class-patch attention (docs/METHOD.md, Class-patch attention)
 # --------------------------------------------------------------------------------------------
 def class_patch_attention(
-    q: torch.Tensor, k: torch.Tensor, num_prefix: int, num_cls: int, reduce: str = "mean_softmax"
+    q: torch.Tensor, k: torch.Tensor, num_prefix: int, num_cls: int, reduce: str
 ) -> torch.Tensor:
     """Attention of the class-token queries over the patch keys, reduced over heads: B x K x N.
 
@@ -129,7 +126,6 @@ def class_patch_attention(
     them. "mean_softmax": mean over heads of softmax(q k^T / sqrt(d)) normalized over all T
     keys; "sum_logits": sum over heads of the raw q.k (no scale), the published score map.
     """
-    _checks.check_class_patch_attention(q, k, num_prefix, num_cls, reduce)
     ct = _compute_dtype(q)
     first_patch = num_prefix + num_cls
     qc = q[:, :, num_prefix:first_patch].to(ct)  # B x heads x K x d
@@ -189,8 +185,7 @@ def par_affinity(image: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
 
 
 def par_refine(
-    image: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24), num_iter: int = 10,
-    affinity_storage: str = "fp32",
+    image: torch.Tensor, masks: torch.Tensor, dilations: Sequence[int], num_iter: int, affinity_storage: str
 ) -> torch.Tensor:
     """num_iter rounds of mask <- sum_j affinity_j * mask at neighbour j (docs/METHOD.md, PAR pseudo labels). B x C x H x W.
 
@@ -199,7 +194,6 @@ def par_refine(
     affinity_storage "bf16": the weights rounded to bf16 (nearest even) before the iterations, as
     the Triton path stores them to halve their bytes; "fp32": the published refinement.
     """
-    _checks.check_par_refine(image, masks, dilations, num_iter, affinity_storage)
     aff = par_affinity(image, dilations)  # B x J x H x W
     if affinity_storage == "bf16":
         aff = aff.to(torch.bfloat16).to(aff.dtype)
@@ -273,12 +267,11 @@ class _DenseEnergy(torch.autograd.Function):
 
 
 def dense_energy_loss(
-    image: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, sigma_rgb: float = 15.0, sigma_xy: float = 50.0
+    image: torch.Tensor, probs: torch.Tensor, gate: torch.Tensor, sigma_rgb: float, sigma_xy: float
 ) -> torch.Tensor:
     """E = -(1/B) sum_b sum_c sum_p S_cp AS_cp with AS = gate * (W S), W the exact Gaussian.
 
     The gradient is dE/dS = -2 AS / B (the published extension's choice); image and gate get
-    none. L_reg = 1e-7 E is the caller's.
+    none. L_reg = 1e-7 x 0.58 x E (the lattice gain, docs/METHOD.md, L_reg) is the caller's.
     """
-    _checks.check_dense_energy_loss(image, probs, gate, sigma_rgb, sigma_xy)
     return _DenseEnergy.apply(image, probs, gate, float(sigma_rgb), float(sigma_xy))

@@ -258,7 +258,7 @@ def triton_affinity_raises(monkeypatch):
     def fake(*args):
         raise _Dispatched
 
-    monkeypatch.setitem(kernels._TRITON_OPS, "affinity_loss", fake)
+    monkeypatch.setattr(kernels.affinity, "affinity_loss", fake)
 
 
 def _ran_triton() -> bool:

@@ -38,7 +38,7 @@ def _draw(seed):
                    lambda q, k: kernels.class_patch_attention(q, k, 4, K).sum()),
         par=((image.to(DEVICE), probs.to(DEVICE)), lambda i, m: kernels.par_refine(i, m, (1, 2, 4), 3).sum()),
         energy=((image.to(DEVICE), probs.to(DEVICE)),
-                lambda i, p: kernels.dense_energy_loss(i, p, gate.to(DEVICE))),
+                lambda i, p: kernels.dense_energy_loss(i, p, gate.to(DEVICE), 15.0, 50.0)),
     )
 
 

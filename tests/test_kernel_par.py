@@ -38,7 +38,7 @@ def _ref(image, masks, dilations, num_iter, storage="fp32"):
     through approximate exp / div / sqrt, and a reference rounded on its own would land on the
     other side of a bf16 rounding boundary now and then, 2^-8 away)."""
     if storage == "fp32":
-        return reference.par_refine(image.double(), masks.double(), dilations, num_iter)
+        return reference.par_refine(image.double(), masks.double(), dilations, num_iter, "fp32")
     aff = par_mod.par_affinity_triton(image, dilations, torch.bfloat16).double()
     m = masks.double()
     for _ in range(num_iter):
@@ -69,7 +69,7 @@ def test_affinity_rounding_bound(storage, num_iter):
     fp32 arithmetic: J-term sums and the weights' own evaluation, (J + 8) 2^-24 per iteration."""
     image, masks = _inputs(2, 3, 5, 13, 17, torch.float32)
     out = kernels.par_refine(image, masks, DIL, num_iter, affinity_storage=storage).double()
-    exact = reference.par_refine(image.double(), masks.double(), DIL, num_iter)
+    exact = reference.par_refine(image.double(), masks.double(), DIL, num_iter, "fp32")
     u = 2.0**-8 if storage == "bf16" else 2.0**-24
     bound = (1 + u) ** num_iter - 1 + num_iter * (8 * len(DIL) + 8) * 2.0**-24
     assert (out / exact - 1).abs().max().item() <= bound
@@ -90,7 +90,7 @@ def test_reference_bf16_storage_rounds_the_weights():
         m = (aff[:, None] * reference._neighbours(m, reference.par_offsets(DIL))).sum(2)
     rounded = reference.par_refine(image, masks, DIL, 3, affinity_storage="bf16")
     assert _rel(rounded, m) <= 1e-14  # float64, another summation order
-    assert _rel(reference.par_refine(image, masks, DIL, 3), m) > 1e-4  # the rounding did happen
+    assert _rel(reference.par_refine(image, masks, DIL, 3, "fp32"), m) > 1e-4  # the rounding did happen
 
 
 @pytest.mark.parametrize(
@@ -174,5 +174,5 @@ def test_gpu_neighbour_offsets_past_int32():
     masks = torch.rand(1, 1, side, side, generator=gen, device="cuda")
     out = kernels.par_refine(image, masks, dil, 1)
     strip = 4 * max(dil)  # rows the last max(dil) output rows depend on, and their neighbours
-    want = reference.par_refine(image[..., -strip:, :].double(), masks[..., -strip:, :].double(), dil, 1)
+    want = reference.par_refine(image[..., -strip:, :].double(), masks[..., -strip:, :].double(), dil, 1, "fp32")
     assert _rel(out[..., -max(dil):, :], want[..., -max(dil):, :]) <= TOL

@@ -202,8 +202,7 @@ def _patched(*patches):
 AFFINITY_SMALL_BLOCKS = (
     (k_affinity, "_fwd_config", lambda dev, n, d, **kw: dict(block=16, block_d=16, num_warps=4, num_stages=1)),
     (k_affinity, "_bwd_config",
-     lambda dev, b, n, d, **kw: dict(block_m=16, block_n=16, block_d=16, block_do=16, split=2, num_warps=4,
-                                     num_stages=1)),
+     lambda dev, n, d: dict(block_m=16, block_n=16, block_d=16, block_do=16, num_warps=4, num_stages=1)),
     (k_affinity, "_rows_config", lambda dev: dict(block_r=16, block_d=16, num_warps=4)),
 )
 
@@ -575,9 +574,9 @@ def test_par_refine_matches_reference(case):
     with _patched(*patch):
         out = kernels.par_refine(_dev(image), _dev(masks), case["dilations"], case["num_iter"])
     assert out.dtype == F32 and not out.requires_grad
-    ref = R.par_refine(image.double(), masks.double(), case["dilations"], case["num_iter"])
+    ref = R.par_refine(image.double(), masks.double(), case["dilations"], case["num_iter"], "fp32")
     assert_close("refined masks", out, ref, _tol("par", dtype),
-                 lambda: R.par_refine(image.float(), masks.float(), case["dilations"], case["num_iter"]))
+                 lambda: R.par_refine(image.float(), masks.float(), case["dilations"], case["num_iter"], "fp32"))
 
 
 # --------------------------------------------------------------------------------------------

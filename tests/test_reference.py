@@ -22,7 +22,7 @@ def test_affinity_loss_hand_case():
     s_pos, n_pos = 2.0, 2
     s_neg, n_neg = 4 / math.sqrt(2), 4
     expected = 0.5 * (1 - s_pos / (n_pos + 1)) + 0.5 * s_neg / (n_neg + 1)
-    assert R.affinity_loss(t, lab).item() == pytest.approx(expected, rel=1e-12)
+    assert R.affinity_loss(t, lab, 255).item() == pytest.approx(expected, rel=1e-12)
 
 
 def _affinity_loops(tokens, labels, ignore=255):
@@ -46,24 +46,24 @@ def test_affinity_loss_matches_pairwise_loops():
     t = torch.randn(2, 7, 5, dtype=f64)
     lab = torch.randint(0, 3, (2, 7))
     lab[0, 2] = 255
-    assert R.affinity_loss(t, lab).item() == pytest.approx(_affinity_loops(t, lab), rel=1e-10)
+    assert R.affinity_loss(t, lab, 255).item() == pytest.approx(_affinity_loops(t, lab), rel=1e-10)
 
 
 def test_affinity_loss_edge_cases():
     t = torch.randn(2, 5, 4, dtype=f64)
     all_ignored = torch.full((2, 5), 255)
-    assert R.affinity_loss(t, all_ignored).item() == pytest.approx(0.5)  # no pair at all
+    assert R.affinity_loss(t, all_ignored, 255).item() == pytest.approx(0.5)  # no pair at all
     distinct = torch.arange(10).reshape(2, 5)  # no positive pair
-    assert R.affinity_loss(t, distinct).item() == pytest.approx(_affinity_loops(t, distinct), rel=1e-10)
+    assert R.affinity_loss(t, distinct, 255).item() == pytest.approx(_affinity_loops(t, distinct), rel=1e-10)
     same = torch.ones(2, 5, dtype=torch.long)  # no negative pair
-    assert R.affinity_loss(t, same).item() == pytest.approx(_affinity_loops(t, same), rel=1e-10)
+    assert R.affinity_loss(t, same, 255).item() == pytest.approx(_affinity_loops(t, same), rel=1e-10)
 
 
 def test_affinity_loss_gradcheck():
     t = torch.randn(2, 6, 4, dtype=f64, requires_grad=True)
     lab = torch.randint(0, 3, (2, 6))
     lab[1, 0] = 255
-    assert torch.autograd.gradcheck(lambda x: R.affinity_loss(x, lab), (t,))
+    assert torch.autograd.gradcheck(lambda x: R.affinity_loss(x, lab, 255), (t,))
 
 
 # ------------------------------------------------------------------ lir_loss (L_cre)
@@ -198,22 +198,22 @@ def _par_conv(image, masks, dilations, num_iter):
 def test_par_refine_matches_conv_formulation(dilations):
     image = torch.rand(2, 3, 13, 17, dtype=f64) * 255
     masks = torch.rand(2, 4, 13, 17, dtype=f64).softmax(1)
-    out = R.par_refine(image, masks, list(dilations), 3)
+    out = R.par_refine(image, masks, list(dilations), 3, "fp32")
     torch.testing.assert_close(out, _par_conv(image, masks, dilations, 3), rtol=1e-10, atol=1e-12)
 
 
 def test_par_refine_constant_image_scales_by_affinity_mass():
     image = torch.full((1, 3, 9, 9), 100.0, dtype=f64)
     masks = torch.full((1, 2, 9, 9), 0.5, dtype=f64)
-    out = R.par_refine(image, masks, [1, 2], 4)
+    out = R.par_refine(image, masks, [1, 2], 4, "fp32")
     torch.testing.assert_close(out, masks * 1.01**4)
 
 
 def test_par_refine_channels_are_independent():
     image = torch.rand(1, 3, 10, 11, dtype=f64) * 255
     a, b = torch.rand(1, 2, 10, 11, dtype=f64), torch.rand(1, 3, 10, 11, dtype=f64)
-    both = R.par_refine(image, torch.cat([a, b], 1), [1, 2, 4], 5)
-    torch.testing.assert_close(both, torch.cat([R.par_refine(image, a, [1, 2, 4], 5), R.par_refine(image, b, [1, 2, 4], 5)], 1))
+    both = R.par_refine(image, torch.cat([a, b], 1), [1, 2, 4], 5, "fp32")
+    torch.testing.assert_close(both, torch.cat([R.par_refine(image, a, [1, 2, 4], 5, "fp32"), R.par_refine(image, b, [1, 2, 4], 5, "fp32")], 1))
 
 
 # ------------------------------------------------------------------ dense_energy_loss
@@ -267,4 +267,4 @@ def test_backend_is_read_at_each_call():
 def test_reference_backend_matches_reference_module(monkeypatch):
     force_backend(monkeypatch, "reference")
     t, lab = torch.randn(2, 9, 4), torch.randint(0, 3, (2, 9))
-    assert torch.equal(kernels.affinity_loss(t, lab), R.affinity_loss(t, lab))
+    assert torch.equal(kernels.affinity_loss(t, lab), R.affinity_loss(t, lab, 255))
