@@ -45,9 +45,9 @@ if DEVICE.type != "cuda":
     CASES.append(("cpu_standin", CPU_STANDIN_SIZE, 4))
 
 
-def _ideal_bytes(c2: int, hw: int, img_elt: int, aff_elt: int = 2) -> float:
-    """Image read once, the B x J x HW affinity written once (bf16 by default, as the fused op
-    stores it), then per iteration the fp32 masks read and written once and the affinity read
+def _ideal_bytes(c2: int, hw: int, img_elt: int, aff_elt: int) -> float:
+    """Image read once, the B x J x HW affinity written once (aff_elt bytes a weight: 4 in fp32,
+    the op's default storage, 2 in bf16), then per iteration the fp32 masks read and written once and the affinity read
     once (an iteration needs the previous one everywhere within 24 pixels, so iterations cannot
     share a pass)."""
     j = 8 * len(DILATIONS)
@@ -89,7 +89,7 @@ def test_par_refine(benchmark, variant, case, size, c):
             pass_="fwd",
             shape=dict(case=case, B=B, H=size, W=size, C=c2, mask_sets=2, J=8 * len(DILATIONS),
                        num_iter=NUM_ITER, dtype="float32"),
-            nbytes=_ideal_bytes(c2, hw, image.element_size()),
+            nbytes=_ideal_bytes(c2, hw, image.element_size(), 4 if AFFINITY_STORAGE == "fp32" else 2),
             flops=_flops(c2, hw),
             transcendentals=_transcendentals(hw),
             rounds=1 if cpu else None,
