@@ -68,6 +68,15 @@ if rank == int(os.environ.get("FAIL_RANK", "0")):
             return getitem(self, key)
         main_pid = os.getpid()
         data.SeededSamples.__getitem__ = failing_getitem
+    elif where == "save":
+        from more_fast.training import state
+        save_atomic, saves = state.save_atomic, []
+        def failing_save(obj, path):
+            saves.append(path)
+            if len(saves) == 2:
+                fail("writing a checkpoint")
+            return save_atomic(obj, path)
+        state.save_atomic = failing_save
     else:
         raise ValueError(where)
 sys.argv = [script, *sys.argv[4:]]
@@ -152,9 +161,10 @@ def assert_failed_quickly(proc, ended, stamp, what):
 
 # where the failure is injected; the newest checkpoint then: the step and the worker fail in iteration 3
 # (the worker on its third batch), after the checkpoint of iteration 2; the evaluation after
-# iteration 2, before its checkpoint
+# iteration 2, before its checkpoint; the second checkpoint's writing, of iteration 2
 @pytest.mark.parametrize("where, what, newest", [("step", "in the step", 2), ("eval", "in an evaluation", 1),
-                                                 ("worker", "in a DataLoader worker", 2)])
+                                                 ("worker", "in a DataLoader worker", 2),
+                                                 ("save", "writing a checkpoint", 1)])
 def test_train_py_exits_with_the_traceback_and_the_resume_line(tmp_path, launcher, env, where, what, newest):
     root = write_voc(tmp_path / "voc")
     out = tmp_path / "out"
