@@ -195,7 +195,8 @@ def write_plot(path: pathlib.Path, rows: list) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
+def main(argv=None, hard_exit: bool = False) -> int:
+    """hard_exit: as train.py's main (the script)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args, train_flags = build_parser().parse_known_args(argv)
     for flag in ("--resume", "--no-gcr"):
@@ -256,7 +257,8 @@ def main(argv=None) -> int:
                 print(f"ablate.py: error: variant {name} failed (traceback above); {where}; resume: {again}",
                       file=sys.stderr, flush=True)
                 sys.stdout.flush()
-                S.exit_deadline(1)
+                if hard_exit:
+                    S.exit_deadline(1)
                 S.shut_down_compile_workers()
                 return 1
         if not row.get("error"):
@@ -275,4 +277,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(hard_exit=True))

@@ -56,7 +56,9 @@ def record_for_torchrun(err: BaseException) -> None:
         ErrorHandler().record_exception(err)
 
 
-def main(argv=None) -> int:
+def main(argv=None, hard_exit: bool = False) -> int:
+    """hard_exit: a failed run ends the process by state.exit_deadline should its shutdown hang (the
+    script; never where a caller goes on in the same process)."""
     cfg = config_from_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -91,7 +93,8 @@ def main(argv=None) -> int:
             record_for_torchrun(err)
         print(failure_message(cfg, argv, rank, world), file=sys.stderr, flush=True)
         sys.stdout.flush()
-        state.exit_deadline(1)
+        if hard_exit:
+            state.exit_deadline(1)
         return 1
     finally:
         if failed:
@@ -107,4 +110,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(hard_exit=True))

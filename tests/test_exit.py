@@ -255,3 +255,32 @@ def test_torchrun_one_failing_rank_ends_the_job(tmp_path, launcher, env):
     # torchrun's report: rank 1 is the root cause, with its traceback
     report = proc.stderr[proc.stderr.rindex("Root Cause"):]
     assert "rank      : 1" in report and "injected failure in the step on rank 1" in report, report
+
+
+def test_exit_deadline_ends_a_process_whose_shutdown_hangs(env):
+    """The last resort, alone: a process stuck after arming it exits with its code and one line."""
+    code = "from more_fast.training import state; import time; state.exit_deadline(7, 1.0); time.sleep(120)"
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=HARD_LIMIT)
+    assert proc.returncode == 7 and time.time() - started < 60, proc.stderr
+    assert last_line(proc.stderr) == f"error: {DEADLINE_LINE} in 1 s; exiting without waiting for it"
+
+
+def test_main_in_process_returns_1_and_arms_no_hard_exit(tmp_path, monkeypatch, capsys):
+    """A caller of train.py's main() goes on after a failure: the hard exit is the script's alone."""
+    import threading
+
+    from more_fast.training import loop
+    from test_faults import load_script
+
+    def failing_step(self, it, batch):
+        raise RuntimeError("injected failure in the step")
+
+    monkeypatch.setattr(loop.TrainStep, "step", failing_step)
+    monkeypatch.setenv("MORE_FAST_KERNELS", "reference")
+    out = tmp_path / "out"
+    assert load_script("train").main(tiny_argv(write_voc(tmp_path / "voc"), out, 3)) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: injected failure in the step" in err
+    assert last_line(err).startswith("error: the run failed (traceback above) before writing a checkpoint")
+    assert not [t for t in threading.enumerate() if isinstance(t, threading.Timer)]
