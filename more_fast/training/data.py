@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing
+import multiprocessing.util  # its exit handler is registered now, before ours: ours runs first
 import pathlib
 import signal
 import time
@@ -127,7 +128,7 @@ def shutdown_workers(batches) -> None:
                 worker.join(timeout=5)
 
 
-@atexit.register  # after multiprocessing's own exit handler is registered, so it runs before it
+@atexit.register  # after multiprocessing's own (imported above), so it runs before that one
 def _end_daemonic_children(grace: float = 2.0) -> None:
     """At exit: what multiprocessing's exit handler does with daemonic children (DataLoader workers
     among them), terminate() and join(), but with the join bounded and those that ignore SIGTERM
