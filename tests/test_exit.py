@@ -5,7 +5,6 @@ naming the newest checkpoint and the resume command (issue 28).
 Each case runs the real script in a subprocess under a hard time limit, with DataLoader workers
 (the processes that used to keep a failed run alive), and measures from the moment the failure
 was raised to the moment the process had exited."""
-import json
 import os
 import pathlib
 import re
@@ -99,7 +98,7 @@ def env():
 
 
 def tagged(tag: str) -> list[int]:
-    """The processes whose environment holds TEST_TAG=tag: a run's processes in any session (torchrun
+    """The processes whose environment holds EXIT_TEST_TAG=tag: a run's processes in any session (torchrun
     starts its workers in sessions of their own), also those orphaned by their parent's exit."""
     found = []
     for proc in pathlib.Path("/proc").iterdir():
