@@ -193,8 +193,9 @@ stopping and resuming:
   and exits with 143 (SIGTERM), 130 (SIGINT) or 0 (SIGUSR1). Under torchrun every rank stops at
   the same iteration (checked every 10 iterations). Resume with the same flags plus --resume OUT;
   the resumed run ends exactly where an uninterrupted one would.
-exit status: 0 done (or stopped by SIGUSR1), 2 bad flag, setup error or unreadable training sample
-  (after a checkpoint of the last finished iteration), 3 non-finite loss, 130 SIGINT, 143 SIGTERM."""
+exit status: 0 done (or stopped by SIGUSR1), 1 any other failure (its traceback, then the newest
+  checkpoint and the resume command), 2 bad flag, setup error or unreadable training sample (after a
+  checkpoint of the last finished iteration), 3 non-finite loss, 130 SIGINT, 143 SIGTERM."""
 
 
 def _set_error(message: str) -> None:

@@ -24,6 +24,7 @@ import pathlib
 import shlex
 import sys
 import time
+import traceback
 
 VARIANTS = (  # (folder, label, GCR, LIR)
     ("baseline", "baseline", False, False),
@@ -194,7 +195,8 @@ def write_plot(path: pathlib.Path, rows: list) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
+def main(argv=None, hard_exit: bool = False) -> int:
+    """hard_exit: as train.py's main (the script)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args, train_flags = build_parser().parse_known_args(argv)
     for flag in ("--resume", "--no-gcr"):
@@ -205,8 +207,11 @@ def main(argv=None) -> int:
 
     from more_fast.cli import config_from_args
     from more_fast.training import NonFiniteLoss, Trainer
+    from more_fast.training import state as S
+    from more_fast.training.loop import BadSampleStop, TrainingStopped
 
     out = pathlib.Path(args.out)
+    again = shlex.join(["python", sys.argv[0] or "scripts/ablate.py", *argv])  # finished variants are not rerun
     try:
         import matplotlib  # noqa: F401
 
@@ -239,9 +244,23 @@ def main(argv=None) -> int:
             except NonFiniteLoss as err:
                 progress.log(f"error: {err}")
                 row["error"] = str(err)
-            except (FileNotFoundError, ValueError) as err:
+            except (FileNotFoundError, ValueError, BadSampleStop) as err:
                 print(f"ablate.py: error: {err}", file=sys.stderr)
                 return 2
+            except TrainingStopped as stop:  # the grid goes on from this variant's checkpoint
+                print(f"ablate.py: variant {name}: {stop}; resume: {again}", file=sys.stderr, flush=True)
+                return stop.exit_code
+            except Exception:  # a bug, an out-of-memory, a driver or a compile error: its traceback is the report
+                traceback.print_exc()
+                found = S.list_checkpoints(folder) if folder.is_dir() else []
+                where = f"the newest checkpoint is {found[0]}" if found else "it wrote no checkpoint"
+                print(f"ablate.py: error: variant {name} failed (traceback above); {where}; resume: {again}",
+                      file=sys.stderr, flush=True)
+                sys.stdout.flush()
+                if hard_exit:
+                    S.exit_deadline(1)
+                S.shut_down_compile_workers()
+                return 1
         if not row.get("error"):
             result = json.loads((folder / "results.json").read_text())
             row["miou"], row["artifact"] = result["miou"], result.get("artifact") or {}
@@ -258,4 +277,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(hard_exit=True))

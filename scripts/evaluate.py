@@ -175,8 +175,8 @@ def _main(args) -> int:
     if args.protocol in ("train-val", "both"):
         t0 = time.perf_counter()
         meter = ArtifactMeter(k, device)
-        results = evaluate(model, eval_loader(trim(dataset), cfg, device, report=warn), k, device, cfg.cam_scales, cfg.eval_bkg,
-                           amp_dtype=amp, artifacts=meter)
+        with eval_loader(trim(dataset), cfg, device, report=warn) as loader:  # its workers end on a failure too
+            results = evaluate(model, loader, k, device, cfg.cam_scales, cfg.eval_bkg, amp_dtype=amp, artifacts=meter)
         print(format_rows(f"train-val protocol (scales {tuple(cfg.cam_scales)}, ground-truth image labels, "
                           f"background {cfg.eval_bkg}, at {crop} x {crop}; {time.perf_counter() - t0:.0f} s)", results))
         report["train-val"] = results
@@ -212,8 +212,8 @@ def _main(args) -> int:
                 return 2
             raise
         finally:
-            if executor is not None:
-                executor.shutdown()
+            if executor is not None:  # after a failure, the CRFs not started yet are not waited for
+                executor.shutdown(cancel_futures=True)
         title = (f"published protocol (image labels: {args.image_labels}, {results['labelled_classes']:.2f} "
                  f"classes per image; at the original size; {time.perf_counter() - t0:.0f} s)")
         if results["has_ground_truth"]:
@@ -224,7 +224,8 @@ def _main(args) -> int:
             print(f"wrote {results['images']} PNGs ({args.save_map}{' + CRF' if args.crf and args.save_map in ('lam', 'decoder') else ''}) to {args.save_png}")
         report["published"] = results
         if "artifact" not in report and results["has_ground_truth"]:
-            report["artifact"] = measure_artifacts(model, eval_loader(trim(dataset), cfg, device), k, device, amp)
+            with eval_loader(trim(dataset), cfg, device) as loader:
+                report["artifact"] = measure_artifacts(model, loader, k, device, amp)
             print(format_artifacts(report["artifact"]) + f" (at {crop} x {crop}, single scale)")
 
     if args.json:

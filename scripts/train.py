@@ -6,14 +6,17 @@ Several GPUs: `torchrun --nproc_per_node N scripts/train.py ...`.
 SIGTERM / SIGINT / SIGUSR1 save a checkpoint of the step in flight and stop (see --help).
 """
 import os
+import pathlib
 import shlex
 import sys
+import traceback
 
 import torch
 import torch.distributed as dist
 
 from more_fast.cli import config_from_args
 from more_fast.training import NonFiniteLoss, Trainer
+from more_fast.training import state
 from more_fast.training.loop import BadSampleStop, TrainingStopped
 
 
@@ -32,8 +35,32 @@ def resume_command(argv, out, world: int) -> str:
     return shlex.join(["python", sys.argv[0] or "scripts/train.py", *args, "--resume", str(out)])
 
 
-def main(argv=None) -> int:
+def failure_message(cfg, argv, rank: int, world: int) -> str:
+    """The last line of a failed run: where its newest checkpoint is and how to go on from it."""
+    who = f"rank {rank}: " if world > 1 else ""
+    for folder in dict.fromkeys(f for f in (cfg.out, cfg.resume) if f):  # this run's, else the one it resumed
+        found = state.list_checkpoints(pathlib.Path(folder)) if pathlib.Path(folder).is_dir() else []
+        if found:
+            return (f"error: {who}the run failed (traceback above); the newest checkpoint is {found[0]}; "
+                    f"resume: {resume_command(argv, folder, world)}")
+    again = "the same torchrun command" if world > 1 else shlex.join(["python", sys.argv[0] or "scripts/train.py", *argv])
+    return f"error: {who}the run failed (traceback above) before writing a checkpoint; start again: {again}"
+
+
+def record_for_torchrun(err: BaseException) -> None:
+    """torchrun's error file (what its @record decorator writes), so that its report names this rank
+    as the root cause with this traceback. Call it while handling `err`."""
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(err)
+
+
+def main(argv=None, hard_exit: bool = False) -> int:
+    """hard_exit: a failed run ends the process by state.exit_deadline should its shutdown hang (the
+    script; never where a caller goes on in the same process)."""
     cfg = config_from_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1:
@@ -41,13 +68,14 @@ def main(argv=None) -> int:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend=backend)
+    failed = False
     try:
         try:
             trainer = Trainer(cfg, rank=rank, world=world, log=lambda msg: print(msg, flush=True))
         except (FileNotFoundError, ValueError) as err:  # bad data or weights found while setting up
             print(f"error: {err}", file=sys.stderr)
             return 2
-        trainer.run()  # any other failure keeps its traceback
+        trainer.run()  # its DataLoader workers are shut down on every way out
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
@@ -56,14 +84,30 @@ def main(argv=None) -> int:
         return 2
     except TrainingStopped as stop:
         if rank == 0:
-            argv = sys.argv[1:] if argv is None else list(argv)
             print(f"{stop}; resume: {resume_command(argv, stop.out, world)}", file=sys.stderr, flush=True)
         return stop.exit_code
+    except Exception as err:  # a bug, an out-of-memory, a driver or a compile error: its traceback is the report
+        failed = True
+        traceback.print_exc()
+        if world > 1:
+            record_for_torchrun(err)
+        print(failure_message(cfg, argv, rank, world), file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        if hard_exit:
+            state.exit_deadline(1)
+        return 1
     finally:
+        if failed:
+            state.shut_down_compile_workers()
         if world > 1 and dist.is_initialized():
+            if failed:
+                # the other ranks fail once this one closes its connections; torchrun names as the
+                # root cause the failure with the smallest timestamp, in whole seconds: theirs must
+                # not tie with the one just recorded
+                state.wait_for_next_second()
             dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(hard_exit=True))

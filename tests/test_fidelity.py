@@ -4,6 +4,7 @@ Each test holds a case where the previous behaviour differs from the published o
 negative values, a decoder case where averaging probabilities and max-of-summed-logits disagree,
 an all-zero classifier output, ...), so it fails on that behaviour.
 """
+import contextlib
 import math
 
 import pytest
@@ -278,7 +279,7 @@ def test_validation_uses_the_recipe_background(monkeypatch, tmp_path):
 
     got = {}
     monkeypatch.setattr(loop, "evaluate", lambda model, loader, k, device, scales, bkg, **kw: got.update(bkg=bkg) or {})
-    monkeypatch.setattr(loop, "eval_loader", lambda *a: None)
+    monkeypatch.setattr(loop, "eval_loader", lambda *a: contextlib.nullcontext())  # the loader is a context manager
     monkeypatch.setattr(loop, "format_table", lambda results, it: "")
     cfg = TrainConfig(**dict(VOC_RECIPE, out=str(tmp_path)))
     fake = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), model=None, val_set=None, rank=0, world=1,

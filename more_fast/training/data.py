@@ -7,8 +7,12 @@ exactly the batches that an uninterrupted run sees, with any number of DataLoade
 """
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import multiprocessing.util  # its exit handler is registered now, before ours: ours runs first
 import pathlib
 import signal
+import time
 from typing import Iterable, Iterator, Optional
 
 import torch
@@ -96,9 +100,53 @@ class SeededSamples(Dataset):
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
     """In a DataLoader worker: the main process owns SIGINT / SIGTERM / SIGUSR1 (it saves and stops
-    the run); a worker killed or interrupted by them would make the main process fail mid-step."""
+    the run); a worker killed or interrupted by them would make the main process fail mid-step.
+
+    The price: such a worker outlives terminate(), which is how both torch (a worker that does
+    not leave when told) and multiprocessing's exit handler (every daemonic child, each then joined
+    without a timeout) end one. Hence shutdown_workers and _end_daemonic_children."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+
+
+def shutdown_workers(batches) -> None:
+    """End the worker processes of a DataLoader iterator now, on every way out of its loop.
+
+    Left to garbage collection, a failed run's workers live on: the traceback holds the frame that
+    holds the iterator, and at exit multiprocessing joins workers that ignore its SIGTERM, forever
+    (persistent workers never leave by themselves). The iterator's own shutdown tells them to leave
+    and waits a few seconds; one still alive then (stuck in a read) is killed."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is None:  # no worker processes (workers 0), or not a DataLoader iterator
+        return
+    try:
+        shutdown()
+    finally:
+        for worker in getattr(batches, "_workers", ()):
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
+
+
+@atexit.register  # after multiprocessing's own (imported above), so it runs before that one
+def _end_daemonic_children(grace: float = 2.0) -> None:
+    """At exit: what multiprocessing's exit handler does with daemonic children (DataLoader workers
+    among them), terminate() and join(), but with the join bounded and those that ignore SIGTERM
+    (ours, ignore_stop_signals) killed. It only finds workers nobody shut down: a script that let
+    its loader's exception escape."""
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if not children:
+        return
+    # torch's SIGCHLD handler would raise in the joins below for each worker that the signals end
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + grace
+    for child in children:
+        child.join(timeout=max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            child.kill()
+            child.join(timeout=grace)
 
 
 class SkipBad(Dataset):
@@ -143,16 +191,32 @@ def skip_bad(loader: Iterable, report=print) -> Iterator:
 
 
 class _SkippingLoader:
-    """A DataLoader whose iteration reports and leaves out unreadable samples (see skip_bad)."""
+    """A DataLoader whose iteration reports and leaves out unreadable samples (see skip_bad).
+
+    close() (or leaving a `with` block) ends the worker processes of every iteration begun, also
+    of one abandoned by an exception."""
 
     def __init__(self, loader: DataLoader, report):
         self.loader, self.report = loader, report
+        self._started: list = []
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator:
-        return skip_bad(self.loader, self.report)
+        batches = iter(self.loader)
+        self._started.append(batches)
+        return skip_bad(batches, self.report)
+
+    def close(self) -> None:
+        while self._started:
+            shutdown_workers(self._started.pop())
+
+    def __enter__(self) -> "_SkippingLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def resolve_data_root(cfg: TrainConfig) -> pathlib.Path:

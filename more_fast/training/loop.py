@@ -32,7 +32,7 @@ from ..device import resolve_device
 from ..model.network import MoReNet, MoReOutput
 from . import state, tb, threads
 from .config import RECIPES, TrainConfig
-from .data import build_dataset, eval_loader, resolve_data_root, train_loader
+from .data import build_dataset, eval_loader, resolve_data_root, shutdown_workers, train_loader
 from .evaluate import evaluate, format_table
 from .optim import build_optimizer, build_scheduler
 from .telemetry import format_eta, gpu_telemetry, peak_flops
@@ -338,12 +338,12 @@ class Trainer:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             def report(msg: str) -> None:  # every rank reports the unreadable images of its shard
                 print(f"warning: validation at iteration {it}: {msg}", file=sys.stderr, flush=True)
-            results = evaluate(self.model, eval_loader(self.val_set, cfg, self.device, self.rank, self.world, report),
-                               cfg.num_classes, self.device, cfg.cam_scales, cfg.eval_bkg,
-                               amp_dtype=self.train_step.amp_dtype,
-                               panel_dir=self.out / "panels" / f"iter_{it:08d}" if self.is_main else None,
-                               num_panels=cfg.num_panels, artifacts=meter,
-                               features=self.train_step.features)  # the compiled backbone under --compile
+            with eval_loader(self.val_set, cfg, self.device, self.rank, self.world, report) as loader:
+                results = evaluate(self.model, loader, cfg.num_classes, self.device, cfg.cam_scales, cfg.eval_bkg,
+                                   amp_dtype=self.train_step.amp_dtype,
+                                   panel_dir=self.out / "panels" / f"iter_{it:08d}" if self.is_main else None,
+                                   num_panels=cfg.num_panels, artifacts=meter,
+                                   features=self.train_step.features)  # the compiled backbone under --compile
         self.artifact = meter.result()
         self.log(format_table(results, it))
         self.log(format_artifacts(self.artifact))
@@ -361,11 +361,16 @@ class Trainer:
     def run(self) -> dict[str, float]:
         # before the loader forks its workers, which then inherit handlers that leave stopping to us
         self.stop = state.StopSignals(quiet=not self.is_main).install()
+        self._batches = None  # the training loader's iterator, once _run has started it
         try:
             with kernels.use_backend(self.cfg.kernels):
                 return self._run()
         finally:
-            self.stop.restore()
+            try:
+                shutdown_workers(self._batches)  # on a failure too: see shutdown_workers
+            finally:
+                self._batches = None
+                self.stop.restore()
 
     def _bad_batch(self, batch: dict, it: int) -> None:
         """Act on the unreadable samples a batch reports (SeededSamples: "path\tmessage" lines)."""
@@ -421,8 +426,8 @@ class Trainer:
         # under torchrun a rank cannot stop alone: an unreadable sample is replaced until the ranks agree
         on_bad = cfg.on_bad_sample if self.world == 1 else "skip"
         self._bad_pending: Optional[str] = None
-        loader = iter(train_loader(self.train_set, cfg, self.start_iter * cfg.batch_size, self.device,
-                                   self.rank, self.world, on_bad))
+        loader = self._batches = iter(train_loader(self.train_set, cfg, self.start_iter * cfg.batch_size,
+                                                   self.device, self.rank, self.world, on_bad))
         flops = self.model.train_step_flops(cfg.crop_size, cfg.batch_size * self.world, cfg.cam_scales)
         peak = peak_flops(self.device)
         results: dict[str, float] = {}

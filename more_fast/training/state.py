@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from typing import Optional
 
 import numpy as np
@@ -138,3 +139,40 @@ class StopSignals:
                             "is being written and the run exits right after it\n".encode())
             return
         self.signum = signum
+
+
+# how long a failed run may take to shut down before exit_deadline ends it
+CLEANUP_SECONDS = 20.0
+
+
+def exit_deadline(code: int, seconds: float = CLEANUP_SECONDS) -> threading.Timer:
+    """End the process with `code` in `seconds` unless it has exited by then: the last resort of a
+    failed run, armed once its traceback and message are out and flushed, whose shutdown (DataLoader
+    workers, compile workers, the process group) can still block where Python cannot interrupt it,
+    e.g. in an NCCL communicator whose peer is gone. A batch job that does not exit holds its GPUs.
+
+    os.write and no flush: the main thread may hold the lock of sys.stderr while it is stuck."""
+    def hard_exit() -> None:
+        os.write(2, f"error: shutting down did not finish in {seconds:.0f} s; exiting without waiting for it\n"
+                 .encode())
+        os._exit(code)
+
+    timer = threading.Timer(seconds, hard_exit)
+    timer.daemon = True  # never what keeps a process alive, and alive through the exit handlers
+    timer.start()
+    return timer
+
+
+def shut_down_compile_workers() -> None:
+    """Inductor's compile-worker processes, if this process started any (--compile): a failed run
+    ends them before anything that may block, since exit_deadline's hard exit skips the exit
+    handlers (inductor's own among them)."""
+    async_compile = sys.modules.get("torch._inductor.async_compile")
+    if async_compile is not None:
+        async_compile.shutdown_compile_workers()
+
+
+def wait_for_next_second() -> None:
+    """Sleep into the next whole second of the clock (at most 1 s)."""
+    now = time.time()
+    time.sleep(int(now) + 1 - now + 0.01)
