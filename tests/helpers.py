@@ -97,3 +97,32 @@ def force_backend(monkeypatch, mode: str) -> None:
     import kernels
 
     monkeypatch.setattr(kernels, "_MODE", kernels._parse_mode(mode, "mode"))
+
+
+# ---------------------------------------------------------------------------------------------
+# torchrun: several processes of scripts/train.py on this machine (gloo on the CPU)
+# ---------------------------------------------------------------------------------------------
+# the end of every torchrun worker: scripts/train.py's main(), unchanged, after the worker's patches
+_RUN_TRAIN_MAIN = """
+import importlib.util, sys
+_spec = importlib.util.spec_from_file_location("train_script", {script!r})
+_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_module)
+sys.exit(_module.main())
+"""
+
+
+def torchrun_worker(path, body: str, script) -> str:
+    """Write a torchrun worker to `path`: `body` (its patches: Python, already formatted), then
+    scripts/train.py's main(). Returns the path as a string."""
+    path.write_text(body + _RUN_TRAIN_MAIN.format(script=str(script)))
+    return str(path)
+
+
+def torchrun_cmd(worker, *argv, nproc: int = 2) -> list:
+    """`nproc` processes of `worker` under torchrun, one standalone rendezvous on this machine. The
+    argv should hold --device cpu: with --device auto, rank 1 of a 1-GPU machine asks for cuda:1."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            str(worker), *map(str, argv)]

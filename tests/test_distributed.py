@@ -7,12 +7,13 @@ import sys
 import textwrap
 
 import pytest
+from helpers import torchrun_cmd, torchrun_worker
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Runs scripts/train.py's main() unchanged, recording per rank what it returns and who saves.
 WORKER = textwrap.dedent("""
-    import importlib.util, json, os, pathlib, sys
+    import json, os, pathlib, sys
     sys.path.insert(0, {repo!r})
     from more_fast.training import loop, state
     rank, out = int(os.environ["RANK"]), pathlib.Path({out!r})
@@ -29,10 +30,6 @@ WORKER = textwrap.dedent("""
                                                             "checksum": checksum}}))
         return results
     loop.Trainer.run = recording_run
-    spec = importlib.util.spec_from_file_location("train_script", {script!r})
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.exit(module.main())
 """)
 
 
@@ -40,13 +37,12 @@ WORKER = textwrap.dedent("""
 def test_torchrun_two_processes_gloo(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER.format(repo=str(REPO), out=str(out), script=str(REPO / "scripts" / "train.py")))
+    worker = torchrun_worker(tmp_path / "worker.py", WORKER.format(repo=str(REPO), out=str(out)),
+                             REPO / "scripts" / "train.py")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MORE_FAST_KERNELS")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-           "--data", "synthetic", "--data-root", str(tmp_path / "synthetic"), "--iters", "2", "--batch-size", "2",
-           "--crop-size", "32", "--workers", "0", "--eval-every", "2", "--out", str(out),
-           "--device", "cpu"]  # gloo on the CPU: with the default auto, rank 1 of a 1-GPU machine asks for cuda:1
+    cmd = torchrun_cmd(worker, "--data", "synthetic", "--data-root", tmp_path / "synthetic", "--iters", "2",
+                       "--batch-size", "2", "--crop-size", "32", "--workers", "0", "--eval-every", "2",
+                       "--out", out, "--device", "cpu")  # gloo (torchrun_cmd says why)
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -16,6 +16,7 @@ import uuid
 
 import pytest
 
+from helpers import torchrun_cmd
 from test_faults import tiny_argv, write_voc
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -231,11 +232,10 @@ def test_torchrun_one_failing_rank_ends_the_job(tmp_path, launcher, env):
     for split in ("train_aug", "val"):  # the label cache, written once here rather than by two ranks at once
         voc_dataset(root, split, split == "train_aug", 32)
     out = tmp_path / "out"
-    argv = tiny_argv(root, out, 6, "--save-every", "1", "--device", "cpu")
+    argv = tiny_argv(root, out, 6, "--save-every", "1")  # tiny_argv says --device cpu: gloo
     argv[argv.index("--workers") + 1] = "1"
     stamp = tmp_path / "failed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(launcher),
-           str(REPO / "scripts" / "train.py"), "step", str(stamp), *argv]
+    cmd = torchrun_cmd(launcher, REPO / "scripts" / "train.py", "step", stamp, *argv)
     proc, ended = run_until_exit(cmd, tmp_path, {**env, "FAIL_RANK": "1"})
     assert proc.returncode != 0, proc.stderr[-3000:]
     assert "RuntimeError: injected failure in the step on rank 1" in proc.stderr

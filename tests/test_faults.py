@@ -16,6 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import torchrun_cmd, torchrun_worker
+
 from more_fast.cli import config_from_args
 from more_fast.data import save_label_png
 from more_fast.data.voc import BadSample, voc_dataset
@@ -53,7 +55,8 @@ def tiny_argv(root, out, iters, *extra):
     return ["--data", "voc", "--data-root", str(root), "--backbone", "vit_tiny_patch16_224", "--depth", "2",
             "--patch-size", "16", "--crop-size", "32", "--batch-size", str(BATCH), "--workers", "0",
             "--kernels", "reference", "--cam-scales", "1.0", "--schedule-iters", "40", "--eval-every", "1000",
-            "--log-every", "1", "--iters", str(iters), "--out", str(out), "--pretrained", "none", *extra]
+            "--log-every", "1", "--iters", str(iters), "--out", str(out), "--pretrained", "none",
+            "--device", "cpu", *extra]  # bit-exact resume is the CPU's; torchrun's ranks use gloo
 
 
 def load_script(name: str):
@@ -266,7 +269,7 @@ def test_evaluate_and_infer_report_a_bad_image_and_go_on(tmp_path, one_thread, c
 
 # scripts/train.py's main() under torchrun; rank 1 alone gets SIGTERM, during its third step
 DDP_WORKER = """
-import importlib.util, json, os, pathlib, signal, sys
+import json, os, pathlib, signal, sys
 sys.path.insert(0, {repo!r})
 from more_fast.training import loop
 rank, out = int(os.environ["RANK"]), pathlib.Path({out!r})
@@ -284,10 +287,6 @@ def recording_run(self):
         (out / f"rank{{rank}}.json").write_text(json.dumps({{"iteration": stop.iteration, "code": stop.exit_code}}))
         raise
 loop.Trainer.run = recording_run
-spec = importlib.util.spec_from_file_location("train_script", {script!r})
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-sys.exit(module.main())
 """
 
 
@@ -300,11 +299,10 @@ def test_torchrun_ranks_stop_together_with_one_checkpoint(tmp_path, one_thread):
         voc_dataset(root, split, split == "train_aug", 32)
     out = tmp_path / "out"
     out.mkdir()
-    worker = tmp_path / "worker.py"
-    worker.write_text(DDP_WORKER.format(repo=str(REPO), out=str(out), script=str(REPO / "scripts" / "train.py")))
+    worker = torchrun_worker(tmp_path / "worker.py", DDP_WORKER.format(repo=str(REPO), out=str(out)),
+                             REPO / "scripts" / "train.py")
     env = {k: v for k, v in one_thread.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-           *tiny_argv(root, out, STOP_CHECK_EVERY + 2)]
+    cmd = torchrun_cmd(worker, *tiny_argv(root, out, STOP_CHECK_EVERY + 2))
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0  # torchrun reports its workers' 143
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
