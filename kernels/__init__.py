@@ -15,8 +15,8 @@ Backend per call: the innermost active `use_backend(mode)` block, else `auto`. M
 - `reference`: always `kernels.reference`.
 Without triton (a Linux-only dependency) the op modules are not imported: `auto` runs the
 reference and `triton` raises NotImplementedError.
-The scripts' `--kernels` flag (default: env `MORE_FAST_KERNELS`, else auto) enters `use_backend`
-once per run; nothing here reads the environment.
+The scripts' `--kernels` flag (default: env `MORE_FAST_KERNELS`, else auto) is resolved once per
+run by `choose_backend` and entered with `use_backend`; nothing here reads the environment.
 """
 from __future__ import annotations
 
@@ -93,22 +93,44 @@ def triton_available(op: str) -> bool:
     return _TRITON_LOADED and op in OPS
 
 
-def resolve_backend(op: str, device: torch.device) -> str:
-    """'triton' or 'reference' for `op` on `device`, per `backend_mode()`."""
-    mode = backend_mode()
+def _choose(mode: str, device: torch.device, what: str) -> str:
     if mode == "reference":
         return "reference"
     runnable = device.type == "cuda" or interpreter_enabled()
     if mode == "auto":
-        return "triton" if runnable and triton_available(op) else "reference"
-    if not triton_available(op):
-        raise NotImplementedError(f"{op}: no Triton implementation is available (backend 'triton')")
+        return "triton" if runnable and _TRITON_LOADED else "reference"
+    if not _TRITON_LOADED:
+        raise NotImplementedError(f"{what}: no Triton implementation is available (backend 'triton')")
     if not runnable:
         raise RuntimeError(
-            f"{op}: backend 'triton' on a {device.type} tensor needs TRITON_INTERPRET=1 "
+            f"{what}: backend 'triton' on a {device.type} tensor needs TRITON_INTERPRET=1 "
             "set before triton is imported (or a CUDA tensor)"
         )
     return "triton"
+
+
+def choose_backend(mode: str, device) -> str:
+    """What `mode` ("auto", "triton" or "reference") runs on `device`: "triton" or "reference".
+
+    A run resolves its `--kernels` once with this, before any work (a "triton" that cannot run
+    there raises here), holds the answer, prints it, and enters `use_backend(answer)`: as timm
+    resolves `fused_attn` once and holds it. A bad `mode`, or "triton" where it cannot run, is a
+    ValueError naming `kernels`."""
+    mode, device = _parse_mode(mode, "kernels"), torch.device(device)
+    if mode == "triton" and not _TRITON_LOADED:
+        raise ValueError("kernels: 'triton' needs the triton package, which is not installed here "
+                         "(a Linux-only dependency); use auto or reference")
+    if mode == "triton" and device.type != "cuda" and not interpreter_enabled():
+        raise ValueError(f"kernels: 'triton' cannot run on {device}: it needs a CUDA device, or "
+                         "TRITON_INTERPRET=1 set before triton is imported (the interpreter); use auto or reference")
+    return _choose(mode, device, "kernels")
+
+
+def resolve_backend(op: str, device: torch.device) -> str:
+    """'triton' or 'reference' for `op` on `device`, per `backend_mode()`."""
+    if op not in OPS:
+        raise ValueError(f"resolve_backend: expected an op in {OPS}, got {op!r}")
+    return _choose(backend_mode(), device, op)
 
 
 def affinity_loss(tokens: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:

@@ -94,6 +94,24 @@ def kernel_mode(text: str) -> str:
     return mode
 
 
+def kernel_backend(args) -> Optional[str]:
+    """The backend that `args.kernels` runs on `args.device`: "triton" or "reference", chosen once
+    for the run and printed to stderr; None (after an `error:` line) where it cannot run there.
+
+    evaluate.py, infer.py and pseudo_labels.py enter `kernels.use_backend(answer)` around their
+    work; train.py's Trainer holds its own (TrainStep.backend)."""
+    import kernels  # here, not at the top: --help stays fast
+    from .device import resolve_device
+
+    try:
+        backend = kernels.choose_backend(args.kernels, resolve_device(args.device))
+    except (ValueError, RuntimeError, NotImplementedError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+    print(f"kernels {backend}" + (f" (--kernels {args.kernels})" if backend != args.kernels else ""), file=sys.stderr)
+    return backend
+
+
 def common_parser(crop_help: str) -> argparse.ArgumentParser:
     """--device, --kernels and --crop-size, declared once for train.py, evaluate.py and infer.py."""
     p = argparse.ArgumentParser(add_help=False)

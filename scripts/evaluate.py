@@ -26,7 +26,6 @@ image as a VOC palette PNG at the original size, DIR/<name>.png. For the VOC tes
 them under results/VOC2012/Segmentation/comp6_test_cls/ and archive that folder.
 """
 import argparse
-import contextlib
 import json
 import pathlib
 import sys
@@ -34,7 +33,7 @@ import time
 
 import torch
 
-from more_fast.cli import common_parser, non_negative_int, positive_int
+from more_fast.cli import common_parser, kernel_backend, non_negative_int, positive_int
 
 CROP_HELP = "default: the training crop, else 448"
 
@@ -116,9 +115,12 @@ def format_rows(title: str, results: dict) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    import kernels  # here, not at the top: --help stays fast
+    backend = kernel_backend(args)  # once, before any work
+    if backend is None:
+        return 2
+    import kernels
 
-    with kernels.use_backend(args.kernels) if args.kernels != "auto" else contextlib.nullcontext():
+    with kernels.use_backend(backend):
         return _main(args)
 
 

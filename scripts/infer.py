@@ -13,7 +13,6 @@ patches (mean of the heads' softmax, from the fused extraction); all overlaid on
 the labelled classes and their probabilities per image.
 """
 import argparse
-import contextlib
 import json
 import pathlib
 import sys
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from more_fast.cli import cam_scales, common_parser
+from more_fast.cli import cam_scales, common_parser, kernel_backend
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -66,9 +65,12 @@ def heat_overlay(image: np.ndarray, m: np.ndarray) -> np.ndarray:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    import kernels  # here, not at the top: --help stays fast
+    backend = kernel_backend(args)  # once, before any work
+    if backend is None:
+        return 2
+    import kernels
 
-    with kernels.use_backend(args.kernels) if args.kernels != "auto" else contextlib.nullcontext():
+    with kernels.use_backend(backend):
         return _main(args)
 
 

@@ -21,7 +21,6 @@ end (the table papers report for pseudo-label quality). An image that cannot be 
 reported in one line and the rest continue.
 """
 import argparse
-import contextlib
 import json
 import os
 import pathlib
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from more_fast.cli import cam_scales, common_parser, non_negative_int, positive_int
+from more_fast.cli import cam_scales, common_parser, kernel_backend, non_negative_int, positive_int
 
 MAPS = ("lam", "cam")
 
@@ -115,9 +114,12 @@ def _eta(seconds: float) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    import kernels  # here, not at the top: --help stays fast
+    backend = kernel_backend(args)  # once, before any work
+    if backend is None:
+        return 2
+    import kernels
 
-    with kernels.use_backend(args.kernels) if args.kernels != "auto" else contextlib.nullcontext():
+    with kernels.use_backend(backend):
         return _main(args)
 
 

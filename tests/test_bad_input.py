@@ -337,6 +337,52 @@ def test_use_backend_is_process_wide():
     assert seen["mode"] == "reference" and kernels.backend_mode() == "auto"
 
 
+@pytest.mark.parametrize("interpret", [False, True])
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+def test_choose_backend_resolves_once_per_device(interpret, device, monkeypatch):
+    """What a run holds for its --kernels: triton where it runs (CUDA, or the interpreter on the CPU)."""
+    monkeypatch.setattr(kernels, "_INTERPRET", interpret)
+    runs = device.startswith("cuda") or interpret
+    assert kernels.choose_backend("auto", device) == ("triton" if runs else "reference")
+    assert kernels.choose_backend(" Reference ", torch.device(device)) == "reference"
+    if runs:
+        assert kernels.choose_backend("triton", device) == "triton"
+    else:
+        with pytest.raises(ValueError, match=r"^kernels: 'triton' cannot run on cpu: it needs a CUDA device, "
+                                             r"or TRITON_INTERPRET=1"):
+            kernels.choose_backend("triton", device)
+    monkeypatch.setattr(kernels, "_TRITON_LOADED", False)  # no triton package: only the reference
+    assert kernels.choose_backend("auto", device) == "reference"
+    with pytest.raises(ValueError, match=r"^kernels: 'triton' needs the triton package"):
+        kernels.choose_backend("triton", device)
+
+
+@pytest.mark.parametrize("bad", ["cuda", "", None])
+def test_choose_backend_and_resolve_backend_name_a_bad_value(bad):
+    with pytest.raises(ValueError, match=r"^kernels: expected one of .*got " + re.escape(repr(bad))):
+        kernels.choose_backend(bad, "cpu")
+    with pytest.raises(ValueError, match=r"^resolve_backend: expected an op in .*got " + re.escape(repr(bad))):
+        kernels.resolve_backend(bad, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("script", ["train", "evaluate", "infer", "pseudo_labels"])
+def test_scripts_refuse_an_unrunnable_triton_before_any_work(script, monkeypatch, tmp_path, capsys):
+    """--kernels triton on the CPU without the interpreter: exit 2 naming kernels, nothing read or written."""
+    monkeypatch.setattr(kernels, "_INTERPRET", False)
+    monkeypatch.chdir(tmp_path)
+    spec = importlib.util.spec_from_file_location(f"_refuse_{script}", os.path.join(ROOT, "scripts", f"{script}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    argv = {"train": [], "evaluate": ["--checkpoint", "missing.pt"],
+            "infer": ["--checkpoint", "missing.pt", "--images", "missing", "--out", "panels"],
+            "pseudo_labels": ["--checkpoint", "missing.pt", "--out", "labels"]}[script]
+    assert mod.main([*argv, "--kernels", "triton", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: kernels: 'triton' cannot run on cpu: it needs a CUDA device, or TRITON_INTERPRET=1 set "
+                   "before triton is imported (the interpreter); use auto or reference"], err
+    assert os.listdir(tmp_path) == []
+
+
 # --------------------------------------------------------------------------------------------
 # scripts/train.py
 # --------------------------------------------------------------------------------------------

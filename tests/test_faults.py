@@ -262,8 +262,9 @@ def test_evaluate_and_infer_report_a_bad_image_and_go_on(tmp_path, one_thread, c
     argv = ["--checkpoint", str(checkpoint), "--images", str(images), "--out", str(tmp_path / "panels"),
             "--crop-size", "32", "--scales", "1.0"]
     assert load_script("infer").main(argv) == 0
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"{images / (val[1] + '.jpg')}" in err and "cannot be decoded" in err
+    chosen, *lines = capsys.readouterr().err.splitlines()
+    assert chosen.startswith("kernels ")  # the backend, chosen once before any work
+    assert len(lines) == 1 and f"{images / (val[1] + '.jpg')}" in lines[0] and "cannot be decoded" in lines[0]
     assert sorted(json.loads((tmp_path / "panels" / "predictions.json").read_text())) == [val[0], val[2]]
 
 
@@ -310,3 +311,97 @@ def test_torchrun_ranks_stop_together_with_one_checkpoint(tmp_path, one_thread):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"ckpt_{STOP_CHECK_EVERY:08d}.pt"]
     assert proc.stderr.count(f"stopped by SIGTERM after iteration {STOP_CHECK_EVERY}") == 1
     assert "the same torchrun command with --resume" in proc.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_skip_lists_the_unreadable_samples_of_every_rank(tmp_path, bad_voc, one_thread):
+    root, jpeg, mask, bad = bad_voc
+    for split in ("train_aug", "val"):  # the label cache, written once here rather than by two ranks at once
+        voc_dataset(root, split, split == "train_aug", 32)
+    iters, world = 6, 2
+    files, reads = [set(), set()], [0, 0]  # per rank, by the skip rule of the single-process test above
+    names = (root / "ImageSets/Segmentation/train_aug.txt").read_text().split()
+    path_of = {index: str(jpeg) if names[index] == jpeg.stem else str(mask) for index in bad}
+    for rank in range(world):
+        stream = iter(ResumableSampler(NUM_TRAIN, 0, 0, rank, world))
+        for _ in range(iters * BATCH):
+            index = next(stream)[0]
+            while index % NUM_TRAIN in bad:
+                files[rank].add(path_of[index % NUM_TRAIN])
+                reads[rank], index = reads[rank] + 1, index + 1
+    assert reads[1] > 0, reads  # rank 1 meets a bad sample: its count is not rank 0's
+    out = tmp_path / "out"
+    worker = torchrun_worker(tmp_path / "worker.py", f"import sys\nsys.path.insert(0, {str(REPO)!r})\n",
+                             REPO / "scripts" / "train.py")
+    env = {k: v for k, v in one_thread.items() if k != "TRITON_INTERPRET"}
+    cmd = torchrun_cmd(worker, *tiny_argv(root, out, iters, "--on-bad-sample", "skip"))
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "results.json").read_text())
+    assert set(summary["skipped_samples"]) == files[0] | files[1]
+    assert summary["skipped_samples_total"] == sum(reads)
+    assert f"skipped {sum(reads)} unreadable samples ({len(files[0] | files[1])} files" in proc.stdout
+    saved = torch.load(S.checkpoint_path(out, iters), weights_only=False)
+    assert [count for _, count in saved["bad_samples_by_rank"]] == reads
+    assert saved["bad_count"] == sum(reads)
+
+
+def test_partial_checkpoints_of_dead_writers_are_removed_at_start(tmp_path):
+    root = write_voc(tmp_path / "voc")
+    folder = tmp_path / "out" / "checkpoints"
+    folder.mkdir(parents=True)
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()  # its pid is dead now: its partial file is left from a save that never finished
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = folder / f".ckpt_00000002.pt.tmp{finished.pid}"
+        alive = folder / f".ckpt_00000003.pt.tmp{running.pid}"  # another process saving here now
+        kept = [folder / "ckpt_00000001.pt", folder / "notes.txt", alive]
+        for path in (dead, *kept):
+            path.write_bytes(b"x")
+        logs = []
+        Trainer(config_from_args(tiny_argv(root, tmp_path / "out", 1)), log=logs.append)
+        assert not dead.exists() and all(p.exists() for p in kept)
+        assert f"removed {dead}: the partial file of a save that never finished" in logs
+        assert S.remove_partial_checkpoints(tmp_path / "out") == []
+    finally:
+        running.kill()
+        running.wait()
+    assert S.remove_partial_checkpoints(tmp_path / "out") == [alive]  # its writer is gone now
+
+
+def test_capped_workers_run_the_loaders_and_config_json_keeps_the_users(tmp_path, monkeypatch):
+    from more_fast.training import data as D
+    from more_fast.training import loop, threads
+
+    root = write_voc(tmp_path / "voc")
+    monkeypatch.setattr(threads, "configure", lambda: threads.ThreadChoice(1, 0, "cpu threads 1 (test)"))
+    used = []
+    for name in ("train_loader", "eval_loader"):
+        real = getattr(D, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            used.append((_name, kwargs["workers"]))
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(loop, name, spy)
+    logs = []
+    argv = tiny_argv(root, tmp_path / "out", 1)
+    argv[argv.index("--workers") + 1] = "3"
+    Trainer(config_from_args(argv), log=logs.append).run()
+    assert logs[0] == "cpu threads 1 (test); DataLoader workers 3 -> 0"
+    assert used == [("train_loader", 0), ("eval_loader", 0)]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["workers"] == 3
+    assert torch.load(S.checkpoint_path(tmp_path / "out", 1), weights_only=False)["config"]["workers"] == 3
+
+
+@pytest.mark.parametrize("interpret, chosen", [(False, "reference (--kernels auto)"), (True, "triton (--kernels auto)")])
+def test_the_header_names_the_backend_chosen_for_the_run(interpret, chosen, tmp_path, monkeypatch):
+    import kernels
+
+    monkeypatch.setattr(kernels, "_INTERPRET", interpret)
+    argv = tiny_argv(write_voc(tmp_path / "voc"), tmp_path / "out", 1)
+    argv[argv.index("--kernels") + 1] = "auto"
+    logs = []
+    trainer = Trainer(config_from_args(argv), log=logs.append)
+    assert trainer.backend == trainer.train_step.backend == chosen.split()[0]
+    assert any(f"| kernels {chosen} |" in line for line in logs), logs

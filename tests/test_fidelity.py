@@ -279,10 +279,10 @@ def test_validation_uses_the_recipe_background(monkeypatch, tmp_path):
 
     got = {}
     monkeypatch.setattr(loop, "evaluate", lambda model, loader, k, device, scales, bkg, **kw: got.update(bkg=bkg) or {})
-    monkeypatch.setattr(loop, "eval_loader", lambda *a: contextlib.nullcontext())  # the loader is a context manager
+    monkeypatch.setattr(loop, "eval_loader", lambda *a, **kw: contextlib.nullcontext())  # the loader is a context manager
     monkeypatch.setattr(loop, "format_table", lambda results, it: "")
     cfg = TrainConfig(**dict(VOC_RECIPE, out=str(tmp_path)))
-    fake = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), model=None, val_set=None, rank=0, world=1,
+    fake = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), model=None, val_set=None, rank=0, world=1, workers=0,
                            is_main=False, out=tmp_path, train_step=SimpleNamespace(amp_dtype=None, features=None),
                            tb=SimpleNamespace(panels=lambda *a: None, record=lambda r: None),
                            log=lambda m: None, _write_metrics=lambda r: None)

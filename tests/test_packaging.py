@@ -79,10 +79,15 @@ def test_forced_triton_backend_says_triton_is_missing(tmp_path):
                 kernels.affinity_loss(torch.randn(1, 4, 3), torch.zeros(1, 4, dtype=torch.long))
         except NotImplementedError as err:
             print("error:", err)
+        try:
+            kernels.choose_backend("triton", "cpu")  # the scripts' --kernels triton, before any work
+        except ValueError as err:
+            print("error:", err)
     """
     res = _run(code, [ROOT], tmp_path, TRITON_INTERPRET="1")
     assert res.returncode == 0, res.stderr
     assert "error: affinity_loss: no Triton implementation is available" in res.stdout
+    assert "error: kernels: 'triton' needs the triton package, which is not installed here" in res.stdout
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed here")

@@ -74,14 +74,11 @@ def _configure_in_fresh_process(env, tmp_path):
     code = textwrap.dedent("""
         import torch
         from more_fast.training import threads as T
-        class Cfg:
-            workers = 4
-        cfg = Cfg()
-        first = T.apply(cfg)
+        first, workers = T.apply(4)
         n = torch.get_num_threads()
         torch.set_num_threads(n + 1)
-        T.apply(cfg)  # the decision is made once per process, and applied again
-        print(first, "|", n, cfg.workers, "|", torch.get_num_threads() == n)
+        T.apply(4)  # the decision is made once per process, and applied again
+        print(first, "|", n, workers, "|", torch.get_num_threads() == n)
     """)
     full = {k: v for k, v in os.environ.items()
             if k not in ("MORE_FAST_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "LOCAL_WORLD_SIZE")}

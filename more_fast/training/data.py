@@ -244,21 +244,25 @@ def build_dataset(cfg: TrainConfig, root: pathlib.Path, split: str, train: bool,
 
 
 def train_loader(dataset: Dataset, cfg: TrainConfig, start_sample: int, device: torch.device,
-                 rank: int = 0, world: int = 1, on_bad: str = "stop") -> DataLoader:
+                 rank: int = 0, world: int = 1, on_bad: str = "stop", workers: Optional[int] = None) -> DataLoader:
+    """`workers`: the DataLoader workers to start (the Trainer's, capped at the free cores), else cfg.workers."""
+    workers = cfg.workers if workers is None else workers
     sampler = ResumableSampler(len(dataset), cfg.seed, start_sample, rank, world)
     # a generator of its own: the loader's draw of its workers' base seed would otherwise advance
     # the global RNG once per run, so a resumed run's RNG state would differ from an uninterrupted one's
     return DataLoader(SeededSamples(dataset, on_bad), batch_size=cfg.batch_size, sampler=sampler,
-                      num_workers=cfg.workers, pin_memory=device.type == "cuda", drop_last=True,
-                      persistent_workers=cfg.workers > 0, worker_init_fn=ignore_stop_signals,
+                      num_workers=workers, pin_memory=device.type == "cuda", drop_last=True,
+                      persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals,
                       generator=torch.Generator().manual_seed(cfg.seed))
 
 
 def eval_loader(dataset: Dataset, cfg: TrainConfig, device: torch.device, rank: int = 0,
-                world: int = 1, report=print) -> _SkippingLoader:
-    """Evaluation batches of this rank's shard; an unreadable sample is reported in one line and skipped."""
+                world: int = 1, report=print, workers: Optional[int] = None) -> _SkippingLoader:
+    """Evaluation batches of this rank's shard; an unreadable sample is reported in one line and skipped.
+    `workers` as train_loader's."""
+    workers = cfg.workers if workers is None else workers
     indices = list(range(rank, len(dataset), world))  # a shard per rank; confusion matrices are summed
     subset = torch.utils.data.Subset(SkipBad(dataset), indices)
-    return _SkippingLoader(DataLoader(subset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers,
+    return _SkippingLoader(DataLoader(subset, batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
                                       pin_memory=device.type == "cuda", collate_fn=collate_skipping_bad,
                                       worker_init_fn=ignore_stop_signals), report)

@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -128,11 +128,15 @@ class TrainStep:
     `step(it, batch)` takes a batch dict with "image" (B x 3 x H x W uint8) and "cls_label" (B x K).
     """
 
-    def __init__(self, model: MoReNet, cfg: TrainConfig, device: torch.device, wrapped=None):
+    def __init__(self, model: MoReNet, cfg: TrainConfig, device: torch.device, wrapped=None,
+                 backend: Optional[str] = None):
         self.model, self.cfg, self.device = model, cfg, device
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.amp_dtype, self.amp_note = resolve_amp(cfg, device)
+        # --kernels resolved once for this device and held (the Trainer's, or here: a "triton" that
+        # cannot run on this device raises now)
+        self.backend = backend or kernels.choose_backend(cfg.kernels, device)
         self.ure_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         self.skipped = 0
         self.wrap(wrapped if wrapped is not None else model)
@@ -175,7 +179,7 @@ class TrainStep:
         return bool(flag)
 
     def step(self, it: int, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with kernels.use_backend(self.cfg.kernels):  # the fused-op backend of this run
+        with kernels.use_backend(self.backend):
             return self._step(it, batch)
 
     def _step(self, it: int, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -210,13 +214,35 @@ class TrainStep:
 
 
 
+class _Clock:
+    """Seconds per training iteration between log lines, leaving out evaluation and saving."""
+
+    def __init__(self, iteration: int):
+        self.start = self.last = time.perf_counter()
+        self.last_iter = iteration
+
+    def lap(self, iteration: int) -> float:
+        now = time.perf_counter()
+        sec_per_it = (now - self.last) / max(1, iteration - self.last_iter)
+        self.last, self.last_iter = now, iteration
+        return sec_per_it
+
+    def pause(self) -> None:
+        self.last = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, rank: int = 0, world: int = 1, log=print):
         self.cfg, self.rank, self.world = cfg, rank, world
         self.is_main = rank == 0
         self._log = log
         self.device = resolve_device(cfg.device)
-        self.log(threads.apply(cfg))  # intra-op threads and DataLoader workers from the cores free now
+        self.backend = kernels.choose_backend(cfg.kernels, self.device)  # before any work: it can refuse
+        note, self.workers = threads.apply(cfg.workers)  # intra-op threads and DataLoader workers from the cores free now
+        self.log(note)
         self.out = pathlib.Path(cfg.out)
         self.tb = tb.open_log(cfg.tensorboard, self.out, self.is_main)  # does nothing unless --tensorboard
         state.seed_all(cfg.seed)
@@ -241,12 +267,16 @@ class Trainer:
             wrapped = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=False)  # every parameter gets a gradient (TrainStep adds 0 * seg)
-        self.train_step = TrainStep(self.model, cfg, self.device, wrapped)
+        self.train_step = TrainStep(self.model, cfg, self.device, wrapped, self.backend)
         self.best, self.bad_samples, self.bad_count = None, [], 0  # (iteration, mIoU); unreadable files, skips
+        if self.is_main:
+            for path in state.remove_partial_checkpoints(self.out):
+                self.log(f"removed {path}: the partial file of a save that never finished")
         if cfg.resume:
             self._resume(pathlib.Path(cfg.resume))
+        chosen = self.backend if self.backend == cfg.kernels else f"{self.backend} (--kernels {cfg.kernels})"
         self.log(f"device {self.device} | {self.train_step.amp_note} | compile {'on' if cfg.compile else 'off'} | "
-                 f"kernels {cfg.kernels} | world size {world}")
+                 f"kernels {chosen} | world size {world}")
         self._log_schedule()
         changed = differs_from_recipe(cfg)
         self.log(f"config: the {cfg.data} recipe" + (" with " + ", ".join(f"{k}={v}" for k, v in changed.items())
@@ -285,11 +315,39 @@ class Trainer:
         self.start_iter = int(ckpt["iteration"])
         t.skipped = int(ckpt.get("skipped", 0))
         self.best = tuple(ckpt["best"]) if ckpt.get("best") else None
-        self.bad_samples, self.bad_count = list(ckpt.get("bad_samples", [])), int(ckpt.get("bad_count", 0))
+        by_rank = ckpt.get("bad_samples_by_rank")  # each rank's own (files, count); older checkpoints: rank 0's
+        if by_rank is not None and len(by_rank) == self.world:
+            files, count = by_rank[self.rank]
+        elif self.is_main:
+            files, count = ckpt.get("bad_samples", []), ckpt.get("bad_count", 0)
+        else:
+            files, count = [], 0
+        self.bad_samples, self.bad_count = list(files), int(count)
         self.log(f"resumed from {path} at iteration {self.start_iter}")
 
-    def save(self, iteration: int) -> pathlib.Path:
-        path = state.checkpoint_path(self.out, iteration)
+    def _bad_samples_of_all_ranks(self) -> tuple[list[list], list[str], int]:
+        """(each rank's [files, count], the files of all ranks in rank order, the total count)."""
+        mine = [list(self.bad_samples), self.bad_count]
+        by_rank = [mine]
+        if self.world > 1:
+            by_rank = [None] * self.world
+            dist.all_gather_object(by_rank, mine)
+        files = list(dict.fromkeys(f for rank_files, _ in by_rank for f in rank_files))
+        return by_rank, files, sum(count for _, count in by_rank)
+
+    def checkpoint(self, done: int, losses: Optional[dict] = None, evaluate: bool = False) -> pathlib.Path:
+        """Every save of a run goes through here: at an evaluation, at --save-every, on a stop signal
+        and on an unreadable sample. With the step's `losses` and --on-nonfinite stop, refuses to
+        save a diverged model; `evaluate` runs the validation first (the best map follows it, in
+        self.results). Rank 0 writes atomically and prunes; every rank takes part (collectives)."""
+        if losses is not None and self.cfg.on_nonfinite == "stop":
+            self._check_finite(done, self._reduce(losses))
+        if evaluate:
+            self.results = self.evaluate(done)
+            if BEST_MAP in self.results and (self.best is None or self.results[BEST_MAP] > self.best[1]):
+                self.best = (done, self.results[BEST_MAP])
+        by_rank, files, count = self._bad_samples_of_all_ranks()
+        path = state.checkpoint_path(self.out, done)
         if self.is_main:
             state.save_atomic({
                 "model": self.model.state_dict(),
@@ -298,15 +356,18 @@ class Trainer:
                 "scheduler": self.train_step.scheduler.state_dict(),
                 "rng": state.rng_state(),
                 "ure_generator": self.train_step.ure_gen.get_state(),
-                "iteration": iteration,
+                "iteration": done,
                 "skipped": self.train_step.skipped,
                 "best": self.best,
-                "bad_samples": self.bad_samples,
-                "bad_count": self.bad_count,
+                "bad_samples": files,
+                "bad_count": count,
+                "bad_samples_by_rank": by_rank,
                 "config": self.cfg.to_dict(),
             }, path)
             if self.cfg.keep_checkpoints:
                 state.prune_checkpoints(self.out, self.cfg.keep_checkpoints, self.best[0] if self.best else None)
+        self.log(f"checkpoint {path}")
+        self._clock.pause()  # evaluation and saving are not training throughput
         return path
 
     # ---------------------------------------------------------------- the run
@@ -329,7 +390,7 @@ class Trainer:
         return {n: float(v) for n, v in values.items()}
 
     def evaluate(self, it: int) -> dict[str, float]:
-        with kernels.use_backend(self.cfg.kernels):
+        with kernels.use_backend(self.backend):
             return self._evaluate(it)
 
     def _evaluate(self, it: int) -> dict[str, float]:
@@ -338,7 +399,8 @@ class Trainer:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             def report(msg: str) -> None:  # every rank reports the unreadable images of its shard
                 print(f"warning: validation at iteration {it}: {msg}", file=sys.stderr, flush=True)
-            with eval_loader(self.val_set, cfg, self.device, self.rank, self.world, report) as loader:
+            with eval_loader(self.val_set, cfg, self.device, self.rank, self.world, report,
+                             workers=self.workers) as loader:
                 results = evaluate(self.model, loader, cfg.num_classes, self.device, cfg.cam_scales, cfg.eval_bkg,
                                    amp_dtype=self.train_step.amp_dtype,
                                    panel_dir=self.out / "panels" / f"iter_{it:08d}" if self.is_main else None,
@@ -363,14 +425,107 @@ class Trainer:
         self.stop = state.StopSignals(quiet=not self.is_main).install()
         self._batches = None  # the training loader's iterator, once _run has started it
         try:
-            with kernels.use_backend(self.cfg.kernels):
-                return self._run()
+            return self._run()
         finally:
             try:
                 shutdown_workers(self._batches)  # on a failure too: see shutdown_workers
             finally:
                 self._batches = None
                 self.stop.restore()
+
+    def _run(self) -> dict[str, float]:
+        """Step, log, evaluate / save, stop: the loop. Each part is one method below."""
+        cfg = self.cfg
+        batches = self._start()
+        for it in range(self.start_iter, cfg.iters):
+            batch = next(batches)
+            self._bad_batch(batch, it)
+            total, terms = self.train_step.step(it, batch)
+            losses, done = {"loss": total, **terms}, it + 1
+            if done % cfg.log_every == 0 or done == cfg.iters or done == self.start_iter + 1:
+                self._log_step(done, losses)
+            saved = None
+            if done % cfg.eval_every == 0 or done == cfg.iters:
+                saved = self.checkpoint(done, losses, evaluate=True)
+            elif done % cfg.save_every == 0:
+                saved = self.checkpoint(done, losses)
+            self._stop_if_asked(done, losses, saved)
+        if self.start_iter >= cfg.iters:  # nothing to train: evaluate the checkpoint
+            self.results = self.evaluate(self.start_iter)
+        self._finish()
+        return self.results
+
+    def _start(self) -> Iterator[dict]:
+        """config.json, the loader (from the resumed position), the FLOP count and the clock."""
+        cfg = self.cfg
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(
+                {**cfg.to_dict(), "differs_from_recipe": differs_from_recipe(cfg)}, indent=2))
+        if self.start_iter >= cfg.iters:
+            self.log(f"nothing to do: the checkpoint is at iteration {self.start_iter} >= --iters {cfg.iters}")
+        # under torchrun a rank cannot stop alone: an unreadable sample is replaced until the ranks agree
+        on_bad = cfg.on_bad_sample if self.world == 1 else "skip"
+        self._bad_pending: Optional[str] = None
+        self.results: dict[str, float] = {}
+        self._flops = self.model.train_step_flops(cfg.crop_size, cfg.batch_size * self.world, cfg.cam_scales)
+        self._peak = peak_flops(self.device)
+        self._clock = _Clock(self.start_iter)
+        self._batches = iter(train_loader(self.train_set, cfg, self.start_iter * cfg.batch_size, self.device,
+                                          self.rank, self.world, on_bad, workers=self.workers))
+        return self._batches
+
+    def _log_step(self, done: int, losses: dict[str, torch.Tensor]) -> None:
+        """The log line and metrics record of iteration `done` (the one place a step waits for the device)."""
+        cfg = self.cfg
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        sec_per_it = self._clock.lap(done)
+        ips = cfg.batch_size * self.world / sec_per_it
+        values = self._reduce(losses)
+        if cfg.on_nonfinite == "stop":
+            self._check_finite(done, values)
+        lr = {group["name"]: group["lr"] for group in self.train_step.optimizer.param_groups}
+        mfu = f" | MFU {100 * self._flops / sec_per_it / self._peak:.1f}%" if self._peak else ""
+        parts = " ".join(f"{k} {values[k]:.4f}" for k in TERMS if k in values)
+        first = done == self.start_iter + 1  # its time includes compilation and warm-up
+        eta = "n/a (first step)" if first else format_eta(sec_per_it * (cfg.iters - done))
+        self.log(f"it {done:>6}/{cfg.iters} | loss {values['loss']:.4f} ({parts}) | "
+                 f"lr {lr['backbone']:.2e}/{lr['classifiers']:.2e} | {ips:.1f} img/s | "
+                 f"{self._flops / sec_per_it / 1e12:.3f} TFLOP/s{mfu} | ETA {eta}")
+        self._write_metrics({"iter": done, **values, "lr": lr["backbone"], "img_per_s": ips,
+                             "skipped": self.train_step.skipped, **gpu_telemetry(self.device)})
+
+    def _stop_if_asked(self, done: int, losses: dict[str, torch.Tensor], saved: Optional[pathlib.Path]) -> None:
+        """Stop after iteration `done` when the ranks agree on a stop signal or an unreadable sample."""
+        signum, bad = self._agree_to_stop(done)
+        if bad:
+            raise self._stop_on_bad(self._bad_pending, done)
+        if signum and done < self.cfg.iters:
+            saved = saved or self.checkpoint(done, losses)
+            self._write_metrics({"iter": done, "stopped": signal_name(signum), "checkpoint": str(saved)})
+            if self.world > 1:
+                dist.barrier()  # every rank leaves after the checkpoint is complete
+            raise TrainingStopped(signum, done, self.cfg.iters, saved, self.out)
+
+    def _finish(self) -> None:
+        """results.json and the closing lines: the skipped samples of every rank, the artifact ratio."""
+        _, files, count = self._bad_samples_of_all_ranks()
+        if not self.is_main:
+            return
+        artifact = getattr(self, "artifact", None)
+        summary = {"iter": self.cfg.iters, "miou": self.results, "artifact": artifact}
+        if count:
+            summary.update(skipped_samples=files, skipped_samples_total=count)
+            self.log(f"skipped {count} unreadable samples ({len(files)} files: {', '.join(files)}), "
+                     "each replaced by another of the split")
+        (self.out / "results.json").write_text(json.dumps(summary, indent=2))
+        if artifact:
+            self.log("artifact ratio at the end: " + ", ".join(
+                f"{label} {'n/a' if artifact[k] is None else format(artifact[k], '.3f')}"
+                for k, label in (("attention", "class-patch attention"), ("lam", "LAM"))) + " (lower is better)")
+        self.log(f"done in {format_eta(self._clock.elapsed())}; outputs in {self.out} "
+                 f"(metrics.jsonl, results.json, panels/, checkpoints/)")
 
     def _bad_batch(self, batch: dict, it: int) -> None:
         """Act on the unreadable samples a batch reports (SeededSamples: "path\tmessage" lines)."""
@@ -394,7 +549,7 @@ class Trainer:
     def _stop_on_bad(self, message: str, n: int) -> BadSampleStop:
         """Save iteration n (the last finished one) and describe the stop in one line."""
         if n > 0:
-            where = f"checkpoint of iteration {n}: {self.save(n)}"
+            where = f"checkpoint of iteration {n}: {self.checkpoint(n)}"
         else:
             where = "no iteration had finished: nothing saved"
         if self.world > 1:
@@ -414,93 +569,3 @@ class Trainer:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         signum, bad = flags.tolist()
         return int(signum), bool(bad)
-
-    def _run(self) -> dict[str, float]:
-        cfg = self.cfg
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(
-                {**cfg.to_dict(), "differs_from_recipe": differs_from_recipe(cfg)}, indent=2))
-        if self.start_iter >= cfg.iters:
-            self.log(f"nothing to do: the checkpoint is at iteration {self.start_iter} >= --iters {cfg.iters}")
-        # under torchrun a rank cannot stop alone: an unreadable sample is replaced until the ranks agree
-        on_bad = cfg.on_bad_sample if self.world == 1 else "skip"
-        self._bad_pending: Optional[str] = None
-        loader = self._batches = iter(train_loader(self.train_set, cfg, self.start_iter * cfg.batch_size,
-                                                   self.device, self.rank, self.world, on_bad))
-        flops = self.model.train_step_flops(cfg.crop_size, cfg.batch_size * self.world, cfg.cam_scales)
-        peak = peak_flops(self.device)
-        results: dict[str, float] = {}
-        t_last, it_last, t_start = time.perf_counter(), self.start_iter, time.perf_counter()
-        evaluated_at = -1
-        for it in range(self.start_iter, cfg.iters):
-            batch = next(loader)
-            self._bad_batch(batch, it)
-            total, terms = self.train_step.step(it, batch)
-            done = it + 1
-            if done % cfg.log_every == 0 or done == cfg.iters or done == self.start_iter + 1:
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                now = time.perf_counter()
-                sec_per_it = (now - t_last) / max(1, done - it_last)
-                t_last, it_last = now, done
-                ips = cfg.batch_size * self.world / sec_per_it
-                values = self._reduce({"loss": total, **terms})
-                if cfg.on_nonfinite == "stop":
-                    self._check_finite(done, values)
-                groups = self.train_step.optimizer.param_groups
-                lr = groups[0]["lr"], groups[2]["lr"]
-                mfu = f" | MFU {100 * flops / sec_per_it / peak:.1f}%" if peak else ""
-                parts = " ".join(f"{k} {values[k]:.4f}" for k in TERMS if k in values)
-                first = done == self.start_iter + 1  # its time includes compilation and warm-up
-                eta = "n/a (first step)" if first else format_eta(sec_per_it * (cfg.iters - done))
-                self.log(f"it {done:>6}/{cfg.iters} | loss {values['loss']:.4f} ({parts}) | lr {lr[0]:.2e}/{lr[1]:.2e} | "
-                         f"{ips:.1f} img/s | {flops / sec_per_it / 1e12:.3f} TFLOP/s{mfu} | ETA {eta}")
-                self._write_metrics({"iter": done, **values, "lr": lr[0], "img_per_s": ips,
-                                     "skipped": self.train_step.skipped, **gpu_telemetry(self.device)})
-            saved = None
-            if done % cfg.eval_every == 0 or done == cfg.iters:
-                if cfg.on_nonfinite == "stop":  # never write a checkpoint of a diverged model
-                    self._check_finite(done, self._reduce({"loss": total, **terms}))
-                results = self.evaluate(done)
-                evaluated_at = done
-                if BEST_MAP in results and (self.best is None or results[BEST_MAP] > self.best[1]):
-                    self.best = (done, results[BEST_MAP])
-                saved = self.save(done)
-                self.log(f"checkpoint {saved}")
-                t_last = time.perf_counter()  # evaluation time is not training throughput
-            elif done % cfg.save_every == 0:
-                if cfg.on_nonfinite == "stop":
-                    self._check_finite(done, self._reduce({"loss": total, **terms}))
-                saved = self.save(done)
-                self.log(f"checkpoint {saved}")
-                t_last = time.perf_counter()
-            signum, bad = self._agree_to_stop(done)
-            if bad:
-                raise self._stop_on_bad(self._bad_pending, done)
-            if signum and done < cfg.iters:
-                if saved is None:
-                    if cfg.on_nonfinite == "stop":
-                        self._check_finite(done, self._reduce({"loss": total, **terms}))
-                    saved = self.save(done)
-                self._write_metrics({"iter": done, "stopped": signal_name(signum), "checkpoint": str(saved)})
-                if self.world > 1:
-                    dist.barrier()  # every rank leaves after the checkpoint is complete
-                raise TrainingStopped(signum, done, cfg.iters, saved, self.out)
-        if evaluated_at < 0 and self.start_iter >= cfg.iters:
-            results = self.evaluate(self.start_iter)
-        if self.is_main:
-            artifact = getattr(self, "artifact", None)
-            summary = {"iter": cfg.iters, "miou": results, "artifact": artifact}
-            if self.bad_count:
-                summary.update(skipped_samples=self.bad_samples, skipped_samples_total=self.bad_count)
-                self.log(f"skipped {self.bad_count} unreadable samples ({len(self.bad_samples)} files: "
-                         f"{', '.join(self.bad_samples)}), each replaced by another of the split")
-            (self.out / "results.json").write_text(json.dumps(summary, indent=2))
-            if artifact:
-                self.log("artifact ratio at the end: " + ", ".join(
-                    f"{label} {'n/a' if artifact[k] is None else format(artifact[k], '.3f')}"
-                    for k, label in (("attention", "class-patch attention"), ("lam", "LAM"))) + " (lower is better)")
-            self.log(f"done in {format_eta(time.perf_counter() - t_start)}; outputs in {self.out} "
-                     f"(metrics.jsonl, results.json, panels/, checkpoints/)")
-        return results

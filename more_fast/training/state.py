@@ -17,6 +17,7 @@ import torch
 from ..io import save_atomic  # noqa: F401  (re-exported: the Trainer saves through state.save_atomic)
 
 CKPT_RE = re.compile(r"ckpt_(\d{8})\.pt$")
+PARTIAL_RE = re.compile(r"^\.ckpt_\d{8}\.pt\.tmp(\d+)$")  # io.save_atomic's temporary file: .NAME.tmpPID
 
 
 def seed_all(seed: int) -> None:
@@ -70,6 +71,32 @@ def load_latest(folder: pathlib.Path, map_location="cpu") -> tuple[Optional[dict
             print(f"warning: checkpoint {path} is unreadable ({type(err).__name__}: {err}); "
                   "trying the previous one", file=sys.stderr)
     return None, None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_partial_checkpoints(out: pathlib.Path) -> list[pathlib.Path]:
+    """Delete the temporary files of saves that never finished (a `kill -9` or a power cut while
+    save_atomic wrote: `.ckpt_N.pt.tmpPID`). A file whose writer is still running (another process
+    saving into the same folder) is left alone. Returns the deleted paths."""
+    folder = pathlib.Path(out) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    doomed = []
+    for path in sorted(folder.iterdir()):
+        match = PARTIAL_RE.match(path.name)
+        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            doomed.append(path)
+    return doomed
 
 
 def prune_checkpoints(out: pathlib.Path, keep: int, protect: Optional[int] = None) -> list[pathlib.Path]:

@@ -148,11 +148,12 @@ def configure() -> ThreadChoice:
     return _CHOICE
 
 
-def apply(cfg) -> str:
-    """The Trainer's call: threads for this process, DataLoader workers capped; a log line."""
+def apply(workers: int) -> tuple[str, int]:
+    """The Trainer's call: threads for this process; (a log line, the DataLoader workers to use:
+    `workers` capped at the free cores). The config keeps the number the user set."""
     choice = configure()
     note = choice.note
-    if choice.workers_cap is not None and cfg.workers > choice.workers_cap:
-        note += f"; DataLoader workers {cfg.workers} -> {choice.workers_cap}"
-        cfg.workers = choice.workers_cap
-    return note
+    if choice.workers_cap is not None and workers > choice.workers_cap:
+        note += f"; DataLoader workers {workers} -> {choice.workers_cap}"
+        workers = choice.workers_cap
+    return note, workers
