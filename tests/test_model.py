@@ -106,3 +106,29 @@ def test_bad_arguments():
         m(torch.randn(1, 1, 32, 32))
     with pytest.raises(ValueError, match="attn_reduce"):
         m(torch.randn(1, 3, 32, 32), attn_reduce="max")
+
+
+def test_architecture_defaults_come_from_one_place():
+    """R, k/K, the GCR score, the attention path and the decoder width: more_fast/model/published.py,
+    read by the model's parts, MoReNet, TrainConfig and the VOC/COCO recipes (the synthetic recipe's
+    narrow decoder is its own)."""
+    import inspect
+
+    from more_fast.model import LargeFOV, MoReBackbone, published
+    from more_fast.training import COCO_RECIPE, VOC_RECIPE, TrainConfig
+
+    want = {"num_registers": published.NUM_REGISTERS, "topk_ratio": published.TOPK_RATIO,
+            "gcr_score": published.GCR_SCORE, "attn_impl": published.ATTN_IMPL,
+            "decoder_dim": published.DECODER_DIM}
+    defaults = lambda f: {k: p.default for k, p in inspect.signature(f).parameters.items()}  # noqa: E731
+    assert {k: defaults(MoReNet)[k] for k in want} == want
+    assert defaults(MoReBackbone)["num_registers"] == want["num_registers"]
+    assert defaults(MoReBackbone)["attn_impl"] == want["attn_impl"]
+    assert (defaults(GCR)["topk_ratio"], defaults(GCR)["score"]) == (want["topk_ratio"], want["gcr_score"])
+    assert defaults(LargeFOV)["hidden"] == want["decoder_dim"]
+    fields = {f.name: f.default for f in __import__("dataclasses").fields(TrainConfig)}
+    assert {k: fields[k] for k in want if k != "decoder_dim"} == {k: v for k, v in want.items() if k != "decoder_dim"}
+    for recipe in (VOC_RECIPE, COCO_RECIPE):
+        cfg = TrainConfig(**recipe)
+        net = MoReNet(cfg.backbone, cfg.num_classes, depth=1, decoder_dim=cfg.decoder_dim)
+        assert {k: net.config[k] for k in want} == want

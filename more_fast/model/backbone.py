@@ -48,6 +48,7 @@ import kernels
 
 from ..io import strip_prefixes
 from .pretrained import init_from_timm_state, matching_tensors
+from .published import ATTN_IMPL, NUM_REGISTERS
 
 ATTN_IMPLS = ("sdpa", "explicit")
 CPA_REDUCES = ("mean_softmax", "sum_logits")
@@ -217,8 +218,8 @@ class MoReBackbone(nn.Module):
         patch_size: override the patch size of the named model (None keeps it).
     """
 
-    def __init__(self, name: str = "vit_base_patch16_224", num_classes: int = 20, num_registers: int = 4,
-                 aux_layer: int = -3, attn_impl: str = "sdpa", img_size: Optional[int] = None,
+    def __init__(self, name: str, num_classes: int, num_registers: int = NUM_REGISTERS,
+                 aux_layer: int = -3, attn_impl: str = ATTN_IMPL, img_size: Optional[int] = None,
                  depth: Optional[int] = None, patch_size: Optional[int] = None):
         super().__init__()
         if attn_impl not in ATTN_IMPLS:

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 import kernels
 
+from .published import GCR_SCORE, TOPK_RATIO
+
 
 class GCR(nn.Module):
     """Q = LayerNorm(LeakyReLU(linear1(0.1 (H + M) + T)) + LeakyReLU(linear2(0.1 (H * M) + T))).
@@ -16,7 +18,7 @@ class GCR(nn.Module):
     score: "published" (product of sums, docs/METHOD.md, Network) or "dot" (the gated-attention reading).
     """
 
-    def __init__(self, dim: int, topk_ratio: float = 0.5, score: str = "published"):
+    def __init__(self, dim: int, topk_ratio: float = TOPK_RATIO, score: str = GCR_SCORE):
         super().__init__()
         if score not in ("published", "dot"):
             raise ValueError(f"score: expected 'published' or 'dot', got {score!r}")

@@ -5,6 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .published import DECODER_DIM
+
 
 def tokens_to_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """B x N x D -> B x D x h x w."""
@@ -29,9 +31,10 @@ def make_classifier(dim: int, num_classes: int) -> nn.Conv2d:
 
 
 class LargeFOV(nn.Module):
-    """3x3 conv D->512 (dilation 5), ReLU, 3x3 conv 512->512 (dilation 5), ReLU, 1x1 conv -> K+1."""
+    """3x3 conv D->hidden (dilation 5), ReLU, 3x3 conv hidden->hidden (dilation 5), ReLU, 1x1 conv -> K+1
+    (published: hidden 512)."""
 
-    def __init__(self, dim: int, num_classes: int, hidden: int = 512, dilation: int = 5, bias: bool = False):
+    def __init__(self, dim: int, num_classes: int, hidden: int = DECODER_DIM, dilation: int = 5, bias: bool = False):
         super().__init__()
         self.conv6 = nn.Conv2d(dim, hidden, 3, padding=dilation, dilation=dilation, bias=bias)
         self.conv7 = nn.Conv2d(hidden, hidden, 3, padding=dilation, dilation=dilation, bias=bias)

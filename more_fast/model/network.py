@@ -17,6 +17,7 @@ from .backbone import BackboneOutput, MoReBackbone
 from .flops import step_flops
 from .gcr import GCR, NoGCR
 from .heads import LargeFOV, classifier_cam, classifier_logits, make_classifier, tokens_to_map
+from .published import ATTN_IMPL, DECODER_DIM, GCR_SCORE, NUM_REGISTERS, TOPK_RATIO
 
 
 @dataclass
@@ -38,11 +39,11 @@ class MoReNet(nn.Module):
     """
 
     # backbone and class count come from the recipe (training.config) or a checkpoint's config; the
-    # defaults below are the published architecture's (R = 4, k = 0.5 K, LargeFOV 512 wide)
-    def __init__(self, backbone: str, num_classes: int, num_registers: int = 4,
-                 topk_ratio: float = 0.5, gcr_score: str = "published", attn_impl: str = "sdpa",
+    # defaults below are the published architecture's (more_fast/model/published.py)
+    def __init__(self, backbone: str, num_classes: int, num_registers: int = NUM_REGISTERS,
+                 topk_ratio: float = TOPK_RATIO, gcr_score: str = GCR_SCORE, attn_impl: str = ATTN_IMPL,
                  decoder_bias: bool = False, img_size: Optional[int] = None, depth: Optional[int] = None,
-                 decoder_dim: int = 512, patch_size: Optional[int] = None, gcr: bool = True):
+                 decoder_dim: int = DECODER_DIM, patch_size: Optional[int] = None, gcr: bool = True):
         super().__init__()
         self.config = dict(backbone=backbone, num_classes=num_classes, num_registers=num_registers,
                            topk_ratio=topk_ratio, gcr_score=gcr_score, attn_impl=attn_impl,

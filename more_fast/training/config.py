@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from ..model import published
+
 
 @dataclass
 class TrainConfig:
@@ -20,14 +22,14 @@ class TrainConfig:
     # model
     backbone: str = "vit_tiny_patch16_224"  # a timm ViT of the tested families (README, Backbones; VOC: vit_base_patch16_224)
     pretrained: Optional[str] = None  # a local timm .pth/.safetensors file, or timm:<tag> (fetched by timm)
-    num_registers: int = 4  # R
-    topk_ratio: float = 0.5  # GCR k = int(0.5 K)
-    gcr_score: str = "published"  # published | dot
+    num_registers: int = published.NUM_REGISTERS  # R
+    topk_ratio: float = published.TOPK_RATIO  # GCR k = int(topk_ratio K)
+    gcr_score: str = published.GCR_SCORE  # published | dot
     gcr: bool = True  # False: class tokens reach the losses and the LAM without GCR (the paper's baseline)
     depth: Optional[int] = 4  # blocks of the ViT; None: the named model's (12 for ViT-B/16)
     decoder_dim: int = 128  # LargeFOV width (published: 512)
     patch_size: Optional[int] = 8  # ViT patch size; None: the named model's (16)
-    attn_impl: str = "sdpa"  # sdpa (fused attention) | explicit (the published way, for baselines)
+    attn_impl: str = published.ATTN_IMPL  # sdpa (fused attention) | explicit (the published way, for baselines)
     # schedule
     iters: int = 800  # iterations to run (VOC: 20,000)
     schedule_iters: Optional[int] = None  # length of the LR schedule and loss phases; None: max(iters, recipe_iters)
@@ -105,7 +107,7 @@ VOC_RECIPE = dict(
     pretrained="timm:vit_base_patch16_224.orig_in21k_ft_in1k",  # = the published jx_vit_base_p16_224-80ecf9dd.pth
     warmup_iters=1500, seg_start=2000, label_switch=10000, cre_temperature=0.5, w_cre=0.2, w_ure=0.1,
     cam_scales=(1.0, 0.5, 0.75, 1.5), reference_iters=20000, eval_every=2000, log_every=100,
-    eval_bkg=0.5, depth=None, decoder_dim=512, reg_scale=0.5, patch_size=None,
+    eval_bkg=0.5, depth=None, decoder_dim=published.DECODER_DIM, reg_scale=0.5, patch_size=None,
     save_every=1000,
 )
 
