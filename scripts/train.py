@@ -68,7 +68,7 @@ def main(argv=None, hard_exit: bool = False) -> int:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend=backend)
-    failed = False
+    failed = finished = False
     try:
         try:
             trainer = Trainer(cfg, rank=rank, world=world, log=lambda msg: print(msg, flush=True))
@@ -76,6 +76,7 @@ def main(argv=None, hard_exit: bool = False) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         trainer.run()  # its DataLoader workers are shut down on every way out
+        finished = True
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
@@ -105,6 +106,11 @@ def main(argv=None, hard_exit: bool = False) -> int:
                 # root cause the failure with the smallest timestamp, in whole seconds: theirs must
                 # not tie with the one just recorded
                 state.wait_for_next_second()
+            if finished:
+                # torch 2.11's gloo deadlocks destroying its group while its worker thread still
+                # drops the last collective's tensors (that needs the GIL, which destroy holds): a
+                # barrier waits with the GIL released, and every rank got here through the same end
+                dist.barrier()
             dist.destroy_process_group()
     return 0
 
