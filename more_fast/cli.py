@@ -105,7 +105,7 @@ def kernel_backend(args) -> Optional[str]:
 
     try:
         backend = kernels.choose_backend(args.kernels, resolve_device(args.device))
-    except (ValueError, RuntimeError, NotImplementedError) as err:
+    except ValueError as err:  # both name their argument
         print(f"error: {err}", file=sys.stderr)
         return None
     print(f"kernels {backend}" + (f" (--kernels {args.kernels})" if backend != args.kernels else ""), file=sys.stderr)
